@@ -1,0 +1,1 @@
+"""CLIP-CAER in JAX/Flax: context-aware academic emotion recognition on RAER."""

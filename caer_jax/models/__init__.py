@@ -1,0 +1,1 @@
+"""Models: Flax CLIP, weight importers and CLIP-CAER."""
