@@ -100,5 +100,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         elif variant == "validation":
             c.train.selection_split = "validation"
         else:
-            raise ValueError(f"unknown variant {variant!r} of clip_caer_b32 (face, context, validation)")
+            raise ValueError(
+                f"unknown variant {variant!r} of clip_caer_b32 (face, context, validation)"
+            )
     return c

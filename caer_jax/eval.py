@@ -1,0 +1,43 @@
+"""Evaluation: `python -m caer_jax.eval --config=... --workdir=... [--step=best|latest|N] [--split=test]`.
+
+Prints WAR, UAR and per-class recall and writes metrics.json, confusion_matrix.png and
+predictions.csv into the workdir (with a `_<split>` suffix for splits other than the config's).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from caer_jax import evaluation
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number.")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
+
+
+def run(argv=()) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None or _CONFIG.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    config = _CONFIG.value
+    summary = evaluation.evaluate_checkpoint(
+        config, _WORKDIR.value, step=_STEP.value, split=_SPLIT.value or config.data.eval_split
+    )
+    print(
+        f"{summary['split']} step {summary['step']}: UAR {summary['uar']:.2f} "
+        f"WAR {summary['war']:.2f} over {summary['num_clips']} clips"
+    )
+    for name, row in summary["per_class"].items():
+        recall = "n/a" if row["recall"] is None else f"{row['recall']:.2f}"
+        print(f"  {name:<12} recall {recall:>6} support {row['support']}")
+
+
+def main() -> None:
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Evaluation of CLIP-CAER parameters and checkpoints (the library behind `caer_jax.eval`).
+
+Restores a checkpoint onto whatever devices are present, runs every clip of the split exactly
+once, and writes metrics (JSON), the confusion matrix (PNG) and per-clip predictions (CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from caer_jax import checkpoint, metrics, sharding
+from caer_jax import state as state_lib
+from caer_jax.data import pipeline
+from caer_jax.models import caer
+from caer_jax.prompts import CLASS_NAMES
+
+
+def eval_step(params: Any, batch: dict, *, model, streams: str) -> dict:
+    face = batch["face"] if streams in ("face", "both") else None
+    context = batch["context"] if streams in ("context", "both") else None
+    logits, _ = model.apply({"params": params}, face, context, train=False)
+    return {
+        "probs": jax.nn.softmax(logits, axis=-1),
+        "label": batch["label"],
+        "mask": batch["mask"],
+        "index": batch["index"],
+    }
+
+
+def predict_split(params: Any, model, config: ml_collections.ConfigDict, split: str, mesh) -> dict:
+    """Class probabilities, labels and record indices of every clip of `split`, once each."""
+    step_fn = jax.jit(
+        functools.partial(eval_step, model=model, streams=config.model.streams),
+        in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+    outputs = []
+    batches = pipeline.eval_batches(
+        config, split, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    for host_batch in tqdm(batches, desc=f"eval {split}", disable=jax.process_index() != 0):
+        out = jax.device_get(step_fn(params, pipeline.global_batch(host_batch, mesh)))
+        keep = out.pop("mask")
+        outputs.append({k: v[keep] for k, v in out.items()})
+    result = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    order = np.argsort(result["index"], kind="stable")
+    return {k: v[order] for k, v in result.items()}
+
+
+def evaluate(params: Any, model, config: ml_collections.ConfigDict, split: str, mesh) -> dict:
+    """WAR, UAR, per-class recall and confusion matrix of `params` on `split`."""
+    predictions = predict_split(params, model, config, split, mesh)
+    cm = metrics.confusion_matrix(
+        predictions["label"], predictions["probs"].argmax(-1), len(CLASS_NAMES)
+    )
+    summary = metrics.summarize(cm, CLASS_NAMES)
+    summary["predictions"] = predictions
+    return summary
+
+
+def _write_predictions(predictions: dict, video_ids: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video_id", "label", "prediction", *[f"p_{c}" for c in CLASS_NAMES]])
+        for index, label, probs in zip(
+            predictions["index"], predictions["label"], predictions["probs"], strict=True
+        ):
+            writer.writerow(
+                [
+                    video_ids[index],
+                    CLASS_NAMES[label],
+                    CLASS_NAMES[probs.argmax()],
+                    *[f"{p:.6f}" for p in probs],
+                ]
+            )
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, step: str | int, split: str
+) -> dict:
+    """Restores `step` from `workdir`, evaluates `split`, writes metrics, plot and predictions."""
+    workdir = Path(workdir)
+    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    resolved = ckpts.resolve_step(step)
+    mesh = sharding.make_mesh(config.mesh)
+    model, _ = caer.build_model(config.model)
+    # The optimizer state is restored too (it is part of the saved pytree) and then dropped.
+    abstract = state_lib.abstract_state(model, config, pipeline.steps_per_epoch(config))
+    target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+    restored, _, meta = ckpts.restore(resolved, target)
+    ckpts.close()
+    logging.info("restored step %d from %s", resolved, ckpts.directory)
+
+    summary = evaluate(restored.params, model, config, split, mesh)
+    predictions = summary.pop("predictions")
+    summary.update(
+        split=split,
+        step=resolved,
+        checkpoint=str(step),
+        epoch=meta["epoch"],
+        protocol=meta["protocol"],
+        streams=config.model.streams,
+    )
+    if jax.process_index() == 0:
+        suffix = "" if split == config.data.eval_split else f"_{split}"
+        metrics.write_json(summary, workdir / f"metrics{suffix}.json")
+        metrics.plot_confusion_matrix(
+            np.asarray(summary["confusion_matrix"]),
+            CLASS_NAMES,
+            workdir / f"confusion_matrix{suffix}.png",
+            title=f"{split} step {resolved}: UAR {summary['uar']:.1f} WAR {summary['war']:.1f}",
+        )
+        _write_predictions(
+            predictions, pipeline.video_ids(config, split), workdir / f"predictions{suffix}.csv"
+        )
+    return summary

@@ -1,0 +1,101 @@
+"""Evaluation metrics of RAER (WAR, UAR, per-class recall, confusion matrix) and their plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts [true class, predicted class]; labels outside 0..num_classes-1 are an error."""
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    for name, values in (("label", labels), ("prediction", predictions)):
+        bad = (values < 0) | (values >= num_classes)
+        if bad.any():
+            raise ValueError(f"{name} {values[bad][0]} outside 0..{num_classes - 1}")
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (labels, predictions), 1)
+    return cm
+
+
+def summarize(cm: np.ndarray, class_names: Sequence[str]) -> dict:
+    """WAR, UAR (percent) and per-class recall and support from a confusion matrix.
+
+    UAR averages the recall of the classes that occur; a class without clips has no recall.
+    """
+    support = cm.sum(axis=1)
+    present = support > 0
+    recall = np.where(present, np.diag(cm) / np.maximum(support, 1), np.nan)
+    return {
+        "war": 100.0 * np.trace(cm) / max(cm.sum(), 1),
+        "uar": 100.0 * float(np.mean(recall[present])) if present.any() else 0.0,
+        "num_clips": int(cm.sum()),
+        "per_class": {
+            name: {
+                "recall": None if np.isnan(r) else 100.0 * float(r),
+                "support": int(s),
+            }
+            for name, r, s in zip(class_names, recall, support, strict=True)
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def write_json(metrics: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def plot_confusion_matrix(
+    cm: np.ndarray, class_names: Sequence[str], path: Path, title: str
+) -> None:
+    """Row-normalised confusion matrix with counts, as a PNG."""
+    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            colour = "white" if rows[i, j] > 0.5 else "black"
+            ax.text(
+                j,
+                i,
+                f"{rows[i, j]:.2f}\n({cm[i, j]})",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=colour,
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(history: Sequence[dict], path: Path) -> None:
+    """Training loss and evaluation WAR/UAR per epoch, as a PNG."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("train loss")
+    for key in ("uar", "war"):
+        score_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.upper())
+    score_ax.set_xlabel("epoch")
+    score_ax.set_ylabel(f"{history[0]['split']} score (%)" if history else "score (%)")
+    score_ax.set_ylim(0, 100)
+    score_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""Parameter groups, learning-rate schedules and the optax optimizer of CLIP-CAER.
+
+The authors train with torch.optim.SGD over four parameter groups with their own learning rates
+and freeze the CLIP text encoder. Here every parameter gets a group label from its top-level
+module; `optax.multi_transform` gives each group its own chain and the frozen group no update
+(and no optimizer state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import ml_collections
+import optax
+
+FROZEN = "frozen"
+# Top-level parameter collections of CLIPCAER -> group name (a key of config.optim.lr or FROZEN).
+GROUP_OF_MODULE = {
+    "image_encoder": "image_encoder",
+    "text_encoder": FROZEN,
+    "prompt_learner": "prompt_learner",
+    "temporal_face": "temporal",
+    "temporal_context": "temporal",
+    "project_fc": "project_fc",
+}
+
+
+def param_groups(params: Any) -> Any:
+    """A tree like `params` whose leaves are group names."""
+
+    def group(path: tuple[str, ...], _) -> str:
+        if path[0] not in GROUP_OF_MODULE:
+            raise KeyError(f"parameter {'/'.join(path)} belongs to no optimizer group")
+        return GROUP_OF_MODULE[path[0]]
+
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({k: group(k, v) for k, v in flat.items()})
+
+
+def lr_schedule(base_lr: float, optim_config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """MultiStepLR stepped per epoch: x gamma after each epoch in `milestones`."""
+    return optax.piecewise_constant_schedule(
+        base_lr,
+        {int(m) * steps_per_epoch: optim_config.gamma for m in optim_config.milestones},
+    )
+
+
+def _group_optimizer(
+    base_lr: float, optim_config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    schedule = lr_schedule(base_lr, optim_config, steps_per_epoch)
+    if optim_config.name == "sgd":
+        # torch.optim.SGD: g += wd * p (coupled L2), buf = momentum * buf + g, p -= lr * buf.
+        return optax.chain(
+            optax.add_decayed_weights(optim_config.weight_decay),
+            optax.sgd(schedule, momentum=optim_config.momentum),
+        )
+    if optim_config.name == "adamw":
+        return optax.adamw(schedule, weight_decay=optim_config.weight_decay)
+    raise ValueError(f"config.optim.name: unknown optimizer {optim_config.name!r} (sgd, adamw)")
+
+
+def make_optimizer(
+    params: Any, optim_config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The multi-group optimizer; every group present in `params` needs a learning rate."""
+    labels = param_groups(params)
+    present = set(flax.traverse_util.flatten_dict(labels).values()) - {FROZEN}
+    missing = sorted(g for g in present if g not in optim_config.lr)
+    if missing:
+        raise KeyError(f"config.optim.lr has no learning rate for group(s) {missing}")
+    transforms = {
+        group: _group_optimizer(optim_config.lr[group], optim_config, steps_per_epoch)
+        for group in present
+    }
+    transforms[FROZEN] = optax.set_to_zero()
+    return optax.multi_transform(transforms, labels)
+
+
+def describe_groups(params: Any, optim_config: ml_collections.ConfigDict) -> list[str]:
+    """One line per parameter: path, shape, group and base learning rate (for the start-up log)."""
+    labels = flax.traverse_util.flatten_dict(param_groups(params))
+    lines = []
+    for path, leaf in flax.traverse_util.flatten_dict(params).items():
+        group = labels[path]
+        lr = "frozen" if group == FROZEN else f"lr={optim_config.lr[group]:g}"
+        lines.append(f"{'/'.join(path)} {tuple(leaf.shape)} group={group} {lr}")
+    return lines

@@ -1,0 +1,76 @@
+"""Device mesh and partitioning: batches over ("data", "fsdp"), large weights over "fsdp".
+
+The rule is a function of a leaf's shape alone, so the same call gives the shardings of the
+parameters and of every optimizer-state tree that mirrors them (momentum, Adam moments).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+# Leaves smaller than this stay replicated: sharding them saves nothing and costs collectives.
+MIN_FSDP_SIZE = 2**14
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """Resolves config.mesh (sizes, at most one -1) against the number of devices."""
+    sizes = [mesh_config.data, mesh_config.fsdp]
+    if sizes.count(-1) > 1:
+        raise ValueError(
+            f"config.mesh: at most one axis may be -1, got data={sizes[0]} fsdp={sizes[1]}"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+        raise ValueError(
+            f"config.mesh: data={sizes[0]} fsdp={sizes[1]} does not divide {num_devices} devices"
+        )
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.mesh: data={sizes[0]} x fsdp={sizes[1]} != {num_devices} devices")
+    return sizes[0], sizes[1]
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """A ("data", "fsdp") mesh over all devices of all processes (or `devices`)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Dimension 0 (the clip axis) split over every device of the mesh."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def leaf_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    """FSDP rule: shard the largest dimension divisible by the fsdp size of a large leaf."""
+    if fsdp_size == 1 or len(shape) < 2 or math.prod(shape) < MIN_FSDP_SIZE:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by the FSDP rule."""
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, leaf_spec(tuple(getattr(leaf, "shape", ())), fsdp_size)),
+        tree,
+    )
