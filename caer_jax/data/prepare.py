@@ -1,0 +1,54 @@
+"""Makes sure the TFDS dataset a config reads exists; for the embedded default, creates it.
+
+With `config.data.synthetic.enabled`, synthetic RAER-layout clips are generated into
+`synthetic.manual_dir` (unless already there) and packed by the same TFDS builder that packs the
+real RAER release. Only process 0 writes; the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import tensorflow_datasets as tfds
+from absl import logging
+from jax.experimental import multihost_utils
+
+import tfds_raer  # noqa: F401  (registers the "raer" builder)
+from caer_jax.data import synthetic
+
+
+def _dataset_exists(config: ml_collections.ConfigDict) -> bool:
+    builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
+    return builder.is_prepared()
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+    """Generates and builds the synthetic dataset when the config asks for it and it is missing."""
+    if _dataset_exists(config):
+        return
+    if not config.data.synthetic.enabled:
+        raise FileNotFoundError(
+            f"TFDS dataset {config.data.tfds_name!r} is not built in "
+            f"{config.data.data_dir or '~/tensorflow_datasets'}; build it first: "
+            f"tfds build tfds_raer/raer --manual_dir=/path/to/RAER "
+            f"--config={config.data.tfds_name.split('/')[-1]} --data_dir={config.data.data_dir or '...'}"
+        )
+    if jax.process_index() == 0:
+        manual_dir = Path(config.data.synthetic.manual_dir)
+        if not (manual_dir / "train.txt").exists():
+            logging.info(
+                "generating %d synthetic clips in %s", config.data.synthetic.num_clips, manual_dir
+            )
+            synthetic.generate(
+                manual_dir,
+                num_clips=config.data.synthetic.num_clips,
+                seed=config.data.synthetic.seed,
+            )
+        logging.info("building %s from %s", config.data.tfds_name, manual_dir)
+        builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+        )
+    multihost_utils.sync_global_devices("caer_jax.prepare_data")
