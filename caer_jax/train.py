@@ -225,7 +225,6 @@ def run(argv=()) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required")
-    jax.config.update("jax_threefry_partitionable", True)
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(f"test UAR {results['uar']:.2f} WAR {results['war']:.2f} (workdir {_WORKDIR.value})")
 

@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` (the embedded default end to end) and `make test`.
+# Both set up their own virtual environment from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUNS ?= runs
+
+.PHONY: setup setup-test demo test lint clean
+
+# torch is pinned to the CPU wheel before the extras are installed, so that nothing pulls a CUDA build.
+$(VENV)/.setup: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[build]"
+	touch $@
+
+$(VENV)/.setup-test: $(VENV)/.setup
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[build,torch,test]"
+	touch $@
+
+setup: $(VENV)/.setup
+setup-test: $(VENV)/.setup-test
+
+demo: setup
+	$(PY) -m caer_jax.train --config=configs/synthetic_tiny.py --workdir=$(RUNS)/synthetic_tiny
+	$(PY) -m caer_jax.train --config=configs/synthetic_tiny.py:face --workdir=$(RUNS)/synthetic_tiny_face
+	$(PY) -m caer_jax.report $(RUNS)/synthetic_tiny $(RUNS)/synthetic_tiny_face
+
+lint: setup-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -n 2 --durations=15
+
+clean:
+	rm -rf $(RUNS) data
