@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 
-from caer_jax import checkpoint, evaluation, metrics, optim, sharding
+from caer_jax import checkpoint, distributed, evaluation, metrics, optim, sharding
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
@@ -225,6 +225,7 @@ def run(argv=()) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required")
+    distributed.initialize()
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(f"test UAR {results['uar']:.2f} WAR {results['war']:.2f} (workdir {_WORKDIR.value})")
 
