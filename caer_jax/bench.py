@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from caer_jax import optim, sharding, train
+from caer_jax import optim, train
 from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
@@ -54,7 +54,6 @@ def bench_model(
     """Train-step and eval-step figures of `config`'s model on random clips."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.clip.source = "random"  # speed does not depend on the weights' values
-    mesh = sharding.make_mesh(config.mesh)
     model, _ = caer.build_model(config.model)
     params = caer.init_params(model, config.model, jax.random.key(0))
     tx = optim.make_optimizer(params, config.optim, steps_per_epoch=100)
@@ -85,7 +84,6 @@ def bench_model(
         return model.apply({"params": params}, face, context, train=False)[0]
 
     eval_time = median_seconds(jax.jit(forward), repeats)
-    del mesh
     return {
         "batch_clips": batch_size,
         "frames_per_clip": config.data.num_segments,
