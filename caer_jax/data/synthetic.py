@@ -407,6 +407,7 @@ def _render_clip(job: tuple) -> dict[str, Any]:
         union[0], union[1] = min(union[0], box[0]), min(union[1], box[1])
         union[2], union[3] = max(union[2], box[2]), max(union[3], box[3])
 
+    held_phone: list[list[float]] = []  # per frame, for tests of the context rule
     drift = np.zeros(2)
     for t in range(num_frames):
         drift = np.clip(drift + rng.normal(0, 0.4, 2), -1.5, 1.5)
@@ -457,7 +458,9 @@ def _render_clip(job: tuple) -> dict[str, Any]:
                 hx = cx0 + side * (fw / 2 + 36 * s)
                 hy = cy0 + 0.25 * fh
                 d.line((hx, desk_top + 4 * s, hx, hy), fill=shirt, width=int(9 * s))
-                grow(_draw_phone(d, hx, hy - 10 * s, s, lit=True, lying=False))
+                held = _draw_phone(d, hx, hy - 10 * s, s, lit=True, lying=False)
+                held_phone.append([round(v, 2) for v in held])
+                grow(held)
             elif plan["hand_chin"] and hs == side:
                 hx, hy = cx + side * 0.1 * fw, cy + 0.55 * fh
                 d.line(
@@ -491,7 +494,12 @@ def _render_clip(job: tuple) -> dict[str, Any]:
             int(min(w, math.ceil(union[2] + m))),
             int(min(h, math.ceil(union[3] + m))),
         ]
-    return {"face_boxes": face_boxes, "body_box": body, "variant": plan["variant"]}
+    return {
+        "face_boxes": face_boxes,
+        "body_box": body,
+        "variant": plan["variant"],
+        "held_phone": held_phone,
+    }
 
 
 # ----------------------------------------------------------------------------- public API
