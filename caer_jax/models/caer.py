@@ -1,0 +1,367 @@
+"""CLIP-CAER: a shared CLIP image encoder on face and context clips, one temporal transformer per
+stream, fusion, and CoOp prompts through the frozen CLIP text encoder (REFERENCE.md, "Model").
+
+  model, tokenizer = build_model(config.model)
+  params = init_params(model, config.model, rng, num_frames=config.data.num_segments)
+  logits, aux = model.apply({"params": params}, face, context, train=True, rngs={"dropout": key})
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from caer_jax import prompts as prompts_lib
+from caer_jax.models import clip as clip_lib
+from caer_jax.models import tokenizer as tokenizer_lib
+
+STREAMS = ("face", "context", "both")
+POSITIONS = ("end", "middle", "front")
+TEMPORAL_LN_EPS = 1e-5
+
+
+def _torch_linear(
+    features: int,
+    in_features: int,
+    *,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    name: str | None = None,
+) -> nn.Dense:
+    """nn.Dense initialised like torch.nn.Linear: U(+-1/sqrt(in)) for weight and bias."""
+    bound = 1.0 / math.sqrt(in_features)
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        bias_init=bias_init,
+        name=name,
+    )
+
+
+def tanh_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+class TemporalBlock(nn.Module):
+    """x + to_out(MHA(attn_norm(x))); x + fc2(gelu_tanh(fc1(mlp_norm(x)))), dropout after each."""
+
+    dim: int
+    heads: int
+    head_dim: int
+    mlp_dim: int
+    dropout: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        inner = self.heads * self.head_dim
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        ln = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=TEMPORAL_LN_EPS, dtype=self.dtype, name=name
+        )
+        h = ln("attn_norm")(x)
+        qkv = _torch_linear(3 * inner, self.dim, use_bias=False, dtype=self.dtype, name="to_qkv")(h)
+        q, k, v = (
+            t.reshape(*t.shape[:-1], self.heads, self.head_dim) for t in jnp.split(qkv, 3, -1)
+        )
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        h = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(*x.shape[:-1], inner)
+        x = x + drop(_torch_linear(self.dim, inner, dtype=self.dtype, name="to_out")(h))
+        h = ln("mlp_norm")(x)
+        h = drop(tanh_gelu(_torch_linear(self.mlp_dim, self.dim, dtype=self.dtype, name="fc1")(h)))
+        h = drop(_torch_linear(self.dim, self.mlp_dim, dtype=self.dtype, name="fc2")(h))
+        return x + h
+
+
+class TemporalTransformer(nn.Module):
+    """Frame features [B, T, D] -> clip feature [B, D] (the output at a learned CLS token).
+
+    `cls_token` [1, 1, D] and `pos_embedding` [1, T+1, D] are initialised N(0, 1); T is fixed by
+    the clip length seen at init.
+    """
+
+    depth: int
+    heads: int
+    head_dim: int
+    mlp_dim: int
+    dropout: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        b, t, d = x.shape
+        if self.has_variable("params", "pos_embedding"):
+            held = self.get_variable("params", "pos_embedding").shape[1] - 1
+            if held != t:
+                raise ValueError(
+                    f"{self.name}: pos_embedding holds {held} frames but the clip has {t}"
+                )
+        cls = self.param("cls_token", nn.initializers.normal(1.0), (1, 1, d))
+        pos = self.param("pos_embedding", nn.initializers.normal(1.0), (1, t + 1, d))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
+        x = x + pos.astype(x.dtype)
+        for i in range(self.depth):
+            x = TemporalBlock(
+                d,
+                self.heads,
+                self.head_dim,
+                self.mlp_dim,
+                self.dropout,
+                self.dtype,
+                name=f"layers_{i}",
+            )(x, train)
+        return x[:, 0]
+
+
+class PromptLearner(nn.Module):
+    """CoOp context vectors placed around the frozen class-text token embeddings.
+
+    `ctx` is [n_cls, n_ctx, width] (class-specific) or [n_ctx, width] (generic), N(0, init_std).
+    `name_lens[i]` is the number of tokens of class text i (they follow the context in "end").
+    """
+
+    n_cls: int
+    n_ctx: int
+    width: int
+    class_specific: bool
+    position: str
+    init_std: float
+    name_lens: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, prefix: jax.Array, suffix: jax.Array) -> jax.Array:
+        """prefix [n_cls, 1, W] (start token), suffix [n_cls, L-1-n_ctx, W] -> [n_cls, L, W]."""
+        shape = (
+            (self.n_cls, self.n_ctx, self.width)
+            if self.class_specific
+            else (self.n_ctx, self.width)
+        )
+        ctx = self.param("ctx", nn.initializers.normal(self.init_std), shape)
+        if not self.class_specific:
+            ctx = jnp.broadcast_to(ctx, (self.n_cls, self.n_ctx, self.width))
+        if self.position == "end":
+            return jnp.concatenate([prefix, ctx, suffix], axis=1)
+        rows = []
+        half = self.n_ctx // 2
+        for i, n in enumerate(self.name_lens):
+            p, c, name, rest = prefix[i], ctx[i], suffix[i, :n], suffix[i, n:]
+            if self.position == "middle":
+                rows.append(jnp.concatenate([p, c[:half], name, c[half:], rest]))
+            elif self.position == "front":
+                rows.append(jnp.concatenate([p, name, c, rest]))
+            else:
+                raise ValueError(
+                    f"config.model.prompt.class_token_position={self.position!r}; "
+                    f"expected one of {POSITIONS}"
+                )
+        return jnp.stack(rows)
+
+
+class CLIPCAER(nn.Module):
+    """The whole model. `prompt_token_ids` are the tokenised prompts ("X"*n_ctx + class text)."""
+
+    geometry: clip_lib.CLIPGeometry
+    prompt_token_ids: tuple[tuple[int, ...], ...]
+    n_ctx: int
+    class_specific: bool = True
+    class_token_position: str = "end"
+    ctx_init_std: float = 0.02
+    streams: str = "both"
+    temporal_depth: int = 1
+    temporal_heads: int = 8
+    temporal_head_dim: int = 64
+    temporal_mlp_dim: int = 1024
+    temporal_dropout: float = 0.1
+    logit_scale: float = 100.0
+    dtype: Any = jnp.float32
+    remat: bool = False
+    num_frames: int | None = None  # clip length used by init_params when not given there
+
+    @property
+    def n_cls(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def setup(self):
+        if self.streams not in STREAMS:
+            raise ValueError(f"config.model.streams={self.streams!r}; expected one of {STREAMS}")
+        ids = np.asarray(self.prompt_token_ids)
+        self._ids = ids
+        self._eot = ids.argmax(-1)
+        name_lens = tuple(int(e) - 1 - self.n_ctx for e in self._eot)
+        g = self.geometry
+        self.image_encoder = clip_lib.VisionTransformer(g, self.dtype, self.remat)
+        self.text_encoder = clip_lib.TextTransformer(g, self.dtype, self.remat)
+        self.prompt_learner = PromptLearner(
+            self.n_cls,
+            self.n_ctx,
+            g.text_width,
+            self.class_specific,
+            self.class_token_position,
+            self.ctx_init_std,
+            name_lens,
+        )
+        temporal = lambda: TemporalTransformer(  # noqa: E731
+            self.temporal_depth,
+            self.temporal_heads,
+            self.temporal_head_dim,
+            self.temporal_mlp_dim,
+            self.temporal_dropout,
+            self.dtype,
+        )
+        if self.streams in ("face", "both"):
+            self.temporal_face = temporal()
+        if self.streams in ("context", "both"):
+            self.temporal_context = temporal()
+        if self.streams == "both":
+            self.project_fc = _torch_linear(g.embed_dim, 2 * g.embed_dim, dtype=self.dtype)
+
+    def prompt_embeddings(self) -> jax.Array:
+        """The learned prompts [n_cls, context_length, text_width] fed to the text encoder."""
+        ids = jnp.asarray(self._ids)
+        # The start/class-text/end embeddings are constants (buffers in the reference): gradients
+        # reach only the context vectors.
+        emb = jax.lax.stop_gradient(self.text_encoder.embed(ids))
+        return self.prompt_learner(emb[:, :1], emb[:, 1 + self.n_ctx :])
+
+    def text_features(self) -> jax.Array:
+        """L2-normalised class text features [n_cls, embed_dim] (float32)."""
+        feats = self.text_encoder.encode(self.prompt_embeddings(), jnp.asarray(self._eot))
+        return _l2_normalize(feats.astype(jnp.float32))
+
+    def __call__(
+        self, face: jax.Array | None, context: jax.Array | None, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        need = {"face": ("face",), "context": ("context",), "both": ("face", "context")}
+        clips = {"face": face, "context": context}
+        for s in need[self.streams]:
+            if clips[s] is None:
+                raise ValueError(f"streams={self.streams!r} needs the {s} clip, got None")
+        used = [clips[s] for s in need[self.streams]]
+        b, t = used[0].shape[:2]
+        # One pass of the shared image encoder over all frames of all used streams.
+        frames = jnp.concatenate([c.reshape(-1, *c.shape[2:]) for c in used], axis=0)
+        feats = self.image_encoder(frames).reshape(len(used), b, t, -1)
+        video = []
+        for i, s in enumerate(need[self.streams]):
+            net = self.temporal_face if s == "face" else self.temporal_context
+            video.append(net(feats[i], train))
+        if self.streams == "both":
+            v = self.project_fc(jnp.concatenate(video, axis=-1))
+        else:
+            v = video[0]
+        v = _l2_normalize(v.astype(jnp.float32))
+        text = self.text_features()
+        logits = self.logit_scale * v @ text.T
+        return logits, {"video_features": v, "text_features": text}
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def prompt_texts(model_cfg: Any) -> list[str]:
+    """The prompt of each class: n_ctx context placeholders, then the class text."""
+    prefix = " ".join([tokenizer_lib.CONTEXT_PLACEHOLDER] * model_cfg.prompt.n_ctx)
+    return [prefix + " " + t for t in prompts_lib.class_texts(model_cfg.prompt.text_type)]
+
+
+def build_model(
+    model_cfg: Any,
+    *,
+    tokenizer: Any = None,
+    prompt_token_ids: np.ndarray | None = None,
+    num_frames: int | None = None,
+) -> tuple[CLIPCAER, Any]:
+    """The CLIPCAER module of config.model and its tokenizer.
+
+    `prompt_token_ids` [n_cls, context_length] overrides tokenisation (the converter reads them
+    off a checkpoint); then `tokenizer` may be None.
+    """
+    geometry = clip_lib.CLIPGeometry.from_config(model_cfg.clip)
+    if model_cfg.prompt.class_token_position not in POSITIONS:
+        raise ValueError(
+            f"config.model.prompt.class_token_position={model_cfg.prompt.class_token_position!r}; "
+            f"expected one of {POSITIONS}"
+        )
+    if prompt_token_ids is None:
+        if tokenizer is None:
+            tokenizer = tokenizer_lib.load_tokenizer(model_cfg.clip)
+        prompt_token_ids = tokenizer_lib.tokenize(
+            tokenizer, prompt_texts(model_cfg), geometry.context_length
+        )
+    ids = np.asarray(prompt_token_ids)
+    if ids.shape[1] != geometry.context_length:
+        raise ValueError(
+            f"prompt token ids have length {ids.shape[1]}, config.model.clip.context_length is "
+            f"{geometry.context_length}"
+        )
+    if ids.max() >= geometry.vocab_size:
+        raise ValueError(
+            f"token id {ids.max()} >= config.model.clip.vocab_size {geometry.vocab_size}"
+        )
+    model = CLIPCAER(
+        geometry=geometry,
+        prompt_token_ids=tuple(tuple(int(i) for i in row) for row in ids),
+        n_ctx=model_cfg.prompt.n_ctx,
+        class_specific=model_cfg.prompt.class_specific,
+        class_token_position=model_cfg.prompt.class_token_position,
+        ctx_init_std=model_cfg.prompt.ctx_init_std,
+        streams=model_cfg.streams,
+        temporal_depth=model_cfg.temporal.depth,
+        temporal_heads=model_cfg.temporal.heads,
+        temporal_head_dim=model_cfg.temporal.head_dim,
+        temporal_mlp_dim=model_cfg.temporal.mlp_dim,
+        temporal_dropout=model_cfg.temporal.dropout,
+        logit_scale=model_cfg.logit_scale,
+        dtype=clip_lib.dtype_from_name(model_cfg.dtype),
+        remat=model_cfg.remat,
+        num_frames=num_frames,
+    )
+    return model, tokenizer
+
+
+def dummy_clip(model: CLIPCAER, num_frames: int, batch_size: int = 1) -> jax.Array:
+    s = model.geometry.image_size
+    return jnp.zeros((batch_size, num_frames, s, s, 3), jnp.float32)
+
+
+def init_params(
+    model: CLIPCAER, model_cfg: Any, rng: jax.Array, *, num_frames: int | None = None
+) -> dict:
+    """Random parameters; CLIP weights from config.model.clip.source unless it is "random".
+
+    The clip length (the temporal positional embedding has T+1 rows) is `num_frames`, else
+    `model.num_frames`; pass config.data.num_segments.
+    """
+    t = num_frames if num_frames is not None else model.num_frames
+    if t is None:
+        raise ValueError(
+            "init_params needs the clip length: pass num_frames=config.data.num_segments "
+            "(or build_model(..., num_frames=...))"
+        )
+    x = dummy_clip(model, t)
+    params = jax.jit(lambda r: model.init(r, x, x, train=False)["params"])(rng)
+    if model_cfg.clip.source != "random":
+        from caer_jax.models import clip_weights
+
+        clip_params = clip_weights.load_clip_params(model_cfg.clip.source, model.geometry)
+        params = dict(params)
+        params["image_encoder"] = clip_weights.merge_checked(
+            params["image_encoder"], clip_params["visual"], "image_encoder"
+        )
+        params["text_encoder"] = clip_weights.merge_checked(
+            params["text_encoder"], clip_params["text"], "text_encoder"
+        )
+    return params

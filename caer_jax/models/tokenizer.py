@@ -1,0 +1,172 @@
+"""CLIP tokenizers: the real one from a Hugging Face folder, or an offline one built here.
+
+The offline tokenizer (embedded default, `config.model.clip.source = "random"`) is a genuine CLIP
+byte-level BPE -- vocab.json and merges.txt in the layout of OpenAI's vocabulary, loaded by
+transformers' `CLIPTokenizer` so that the real tokenizer code runs -- but its merges are learned
+here from the class texts of every text type in `caer_jax.prompts` plus the context placeholder
+"X". It therefore knows only the words of that corpus (each becomes one token); any other word
+falls back to smaller pieces, down to single bytes. Ids: 256 byte symbols, their 256 "</w>"
+(end of word) variants, one id per learned merge, then `<|startoftext|>` and `<|endoftext|>` as
+the two last (largest) ids, so that the argmax of a prompt's ids is its end token, as in CLIP.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import regex
+
+from caer_jax import prompts
+
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+CONTEXT_PLACEHOLDER = "X"
+# CLIP's pre-tokenizer pattern (applied after lower-casing).
+_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP map from bytes to printable unicode symbols (the 256 base symbols)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def corpus_texts() -> list[str]:
+    """Every class text of every text type, and the context placeholder."""
+    texts = [t for texts in prompts.TEXT_TYPES.values() for t in texts]
+    return texts + [CONTEXT_PLACEHOLDER]
+
+
+def _words(texts: list[str]) -> collections.Counter:
+    byte_encoder = bytes_to_unicode()
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        text = " ".join(text.split()).lower()
+        for word in _PATTERN.findall(text):
+            symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+            symbols[-1] += "</w>"
+            counts[tuple(symbols)] += 1
+    return counts
+
+
+def learn_bpe(texts: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn merges until every word of `texts` is one symbol; returns (vocab, merges).
+
+    Classic BPE training: repeatedly merge the most frequent adjacent pair (ties broken by the
+    pair itself, so the result is deterministic).
+    """
+    words = _words(texts)
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs: collections.Counter = collections.Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = collections.Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    base = list(bytes_to_unicode().values())
+    symbols = base + [s + "</w>" for s in base] + ["".join(m) for m in merges]
+    symbols += [START_TOKEN, END_TOKEN]
+    return {s: i for i, s in enumerate(symbols)}, merges
+
+
+def write_offline_vocab(folder: str | os.PathLike) -> int:
+    """Write vocab.json and merges.txt of the offline tokenizer into `folder`; returns its size."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = learn_bpe(corpus_texts())
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def offline_tokenizer(folder: str | os.PathLike | None = None) -> Any:
+    """The offline CLIP tokenizer (see the module docstring), via transformers' CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+
+    if folder is not None:
+        write_offline_vocab(folder)
+        return CLIPTokenizer.from_pretrained(str(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_offline_vocab(tmp)
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def load_tokenizer(clip_cfg: Any) -> Any:
+    """The tokenizer of config.model.clip: offline for source "random", else the source's own.
+
+    A Hugging Face folder or hub id holds its tokenizer files. A weights file (OpenAI .pt/.pth,
+    flax_model.msgpack) is used with vocab.json/merges.txt from its own folder.
+    """
+    source = clip_cfg.source
+    if source == "random":
+        tok = offline_tokenizer()
+        if len(tok) > clip_cfg.vocab_size:
+            raise ValueError(
+                f"the offline tokenizer has {len(tok)} tokens but config.model.clip.vocab_size is "
+                f"{clip_cfg.vocab_size}; raise config.model.clip.vocab_size to at least {len(tok)}"
+            )
+        return tok
+    from transformers import CLIPTokenizer
+
+    path = Path(source)
+    if path.is_file():
+        folder = path.parent
+        if not ((folder / "vocab.json").exists() and (folder / "merges.txt").exists()):
+            raise FileNotFoundError(
+                f"config.model.clip.source={source!r} is a weights file; its tokenizer is read from "
+                f"vocab.json and merges.txt in {folder}, which are missing (copy them from "
+                "a Hugging Face CLIP folder, e.g. openai/clip-vit-base-patch32)"
+            )
+        return CLIPTokenizer.from_pretrained(str(folder))
+    return CLIPTokenizer.from_pretrained(source)
+
+
+def tokenize(tokenizer: Any, texts: list[str] | tuple[str, ...], context_length: int) -> np.ndarray:
+    """Token ids [len(texts), context_length] int32: start, text, end, then zeros (as clip.tokenize)."""
+    out = np.zeros((len(texts), context_length), np.int32)
+    for i, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"]
+        if ids[0] != tokenizer.bos_token_id or ids[-1] != tokenizer.eos_token_id:
+            ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        if len(ids) > context_length:
+            raise ValueError(
+                f"text {text!r} is {len(ids)} tokens long, more than the context length "
+                f"{context_length} (config.model.clip.context_length)"
+            )
+        out[i, : len(ids)] = ids
+    return out

@@ -1,0 +1,189 @@
+"""CLIP-CAER model: streams, prompts (positions, generic/class-specific), EOT, gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caer_jax.models import caer
+from caer_jax.models import tokenizer as tokenizer_lib
+from configs import synthetic_tiny
+
+T = 3
+
+
+def _cfg(**overrides):
+    c = synthetic_tiny.get_config()
+    c.model.clip.image_size = 32
+    c.model.clip.patch_size = 16
+    c.model.clip.vision_layers = 1
+    c.model.clip.text_layers = 1
+    c.model.clip.context_length = 40
+    for k, v in overrides.items():
+        obj = c.model
+        *path, last = k.split(".")
+        for p in path:
+            obj = obj[p]
+        obj[last] = v
+    return c.model
+
+
+@functools.lru_cache
+def _tok():
+    return tokenizer_lib.offline_tokenizer()
+
+
+def _build(**overrides):
+    return _build_cached(tuple(sorted(overrides.items())))
+
+
+@functools.lru_cache
+def _build_cached(overrides):
+    cfg = _cfg(**dict(overrides))
+    model, _ = caer.build_model(cfg, tokenizer=_tok())
+    params = caer.init_params(model, cfg, jax.random.key(0), num_frames=T)
+    return model, params, cfg
+
+
+def _clips(b=2):
+    k1, k2 = jax.random.split(jax.random.key(1))
+    return (jax.random.uniform(k1, (b, T, 32, 32, 3)), jax.random.uniform(k2, (b, T, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("streams", ["face", "context", "both"])
+def test_streams_shapes_and_param_tree(streams):
+    model, params, cfg = _build(streams=streams)
+    face, context = _clips()
+    args = {
+        "face": (face, None),
+        "context": (None, context),
+        "both": (face, context),
+    }[streams]
+    fwd = jax.jit(
+        lambda p, f, c: model.apply(
+            {"params": p}, f, c, train=True, rngs={"dropout": jax.random.key(3)}
+        )
+    )
+    logits, aux = fwd(params, *args)
+    assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+    assert aux["video_features"].shape == (2, 64) and aux["text_features"].shape == (5, 64)
+    np.testing.assert_allclose(np.linalg.norm(aux["video_features"], axis=-1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(aux["text_features"], axis=-1), 1, atol=1e-5)
+    np.testing.assert_allclose(
+        logits, 100 * aux["video_features"] @ aux["text_features"].T, atol=1e-4
+    )
+    expected = {"image_encoder", "text_encoder", "prompt_learner"}
+    expected |= {
+        "face": {"temporal_face"},
+        "context": {"temporal_context"},
+        "both": {"temporal_face", "temporal_context", "project_fc"},
+    }[streams]
+    assert set(params) == expected
+    assert params["project_fc" if streams == "both" else "prompt_learner"] is not None
+    if streams == "both":
+        assert params["project_fc"]["kernel"].shape == (128, 64)
+    t = params["temporal_face" if streams != "context" else "temporal_context"]
+    assert t["pos_embedding"].shape == (1, T + 1, 64) and t["cls_token"].shape == (1, 1, 64)
+    assert t["layers_0"]["to_qkv"]["kernel"].shape == (64, 3 * 4 * 16)
+    assert "bias" not in t["layers_0"]["to_qkv"]
+    # eval is deterministic; a missing needed stream is an error
+    fwd = jax.jit(lambda p, f, c: model.apply({"params": p}, f, c, train=False)[0])
+    a, b = fwd(params, *args), fwd(params, *args)
+    np.testing.assert_array_equal(a, b)
+    if streams == "both":
+        with pytest.raises(ValueError, match="context"):
+            model.apply({"params": params}, face, None)
+
+
+def test_eot_indices_and_prompt_ids():
+    model, _, cfg = _build()
+    ids = np.asarray(model.prompt_token_ids)
+    tok = _tok()
+    eot = ids.argmax(-1)
+    assert (ids[np.arange(5), eot] == tok.eos_token_id).all()
+    x = tok.convert_tokens_to_ids("x</w>")
+    assert (ids[:, 1 : 1 + cfg.prompt.n_ctx] == x).all()
+    for row, text, e in zip(ids, caer.prompt_texts(cfg), eot, strict=True):
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        assert e == n + 1
+        assert (row[e + 1 :] == 0).all()
+
+
+def test_gradient_reaches_ctx_not_token_table():
+    model, params, _ = _build()
+    face, context = _clips()
+
+    def loss(p):
+        logits, _ = model.apply({"params": p}, face, context, train=False)
+        return jax.nn.log_softmax(logits)[:, 0].sum()
+
+    g = jax.jit(jax.grad(loss))(params)
+    assert np.abs(g["prompt_learner"]["ctx"]).sum() > 0
+    assert np.abs(g["text_encoder"]["token_embedding"]["embedding"]).sum() == 0
+    # gradient flows *through* the text encoder (its weights get gradients; the optimiser freezes them)
+    assert np.abs(g["text_encoder"]["ln_final"]["scale"]).sum() > 0
+    assert np.abs(g["image_encoder"]["conv1"]["kernel"]).sum() > 0
+
+
+def _prompts(model, params):
+    return model.apply({"params": params}, method=lambda m: m.prompt_embeddings())
+
+
+def _token_table(params):
+    return params["text_encoder"]["token_embedding"]["embedding"]
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_prompt_positions(position):
+    model, params, cfg = _build(**{"prompt.class_token_position": position})
+    n_ctx = cfg.prompt.n_ctx
+    ids = np.asarray(model.prompt_token_ids)
+    table = np.asarray(_token_table(params))
+    ctx = np.asarray(params["prompt_learner"]["ctx"])
+    got = np.asarray(_prompts(model, params))
+    for i in range(5):
+        e = ids[i].argmax()
+        name = table[ids[i, 1 + n_ctx : e]]  # class-text tokens
+        rest = table[ids[i, e:]]  # end token and padding
+        start = table[ids[i, :1]]
+        half = n_ctx // 2
+        expected = {
+            "end": [start, ctx[i], name, rest],
+            "middle": [start, ctx[i, :half], name, ctx[i, half:], rest],
+            "front": [start, name, ctx[i], rest],
+        }[position]
+        np.testing.assert_array_equal(got[i], np.concatenate(expected))
+
+
+def test_generic_context_is_shared():
+    model, params, cfg = _build(**{"prompt.class_specific": False})
+    ctx = params["prompt_learner"]["ctx"]
+    assert ctx.shape == (cfg.prompt.n_ctx, 64)
+    got = np.asarray(_prompts(model, params))
+    for i in range(5):
+        np.testing.assert_array_equal(got[i, 1 : 1 + cfg.prompt.n_ctx], ctx)
+    _, params_cs, _ = _build()
+    assert params_cs["prompt_learner"]["ctx"].shape == (5, cfg.prompt.n_ctx, 64)
+    std = float(np.std(params_cs["prompt_learner"]["ctx"]))
+    assert 0.015 < std < 0.025
+
+
+def test_init_needs_clip_length_and_checks_it():
+    cfg = _cfg()
+    model, _ = caer.build_model(cfg, tokenizer=_tok())
+    with pytest.raises(ValueError, match="num_segments"):
+        caer.init_params(model, cfg, jax.random.key(0))
+    params = caer.init_params(model, cfg, jax.random.key(0), num_frames=T)
+    face, context = _clips()
+    with pytest.raises(ValueError, match="pos_embedding holds 3 frames"):
+        model.apply({"params": params}, face[:, :2], context[:, :2])
+
+
+def test_bad_options_name_the_key():
+    with pytest.raises(ValueError, match="class_token_position"):
+        caer.build_model(_cfg(**{"prompt.class_token_position": "left"}), tokenizer=_tok())
+    model, _ = caer.build_model(_cfg(streams="faces"), tokenizer=_tok())
+    with pytest.raises(ValueError, match="config.model.streams"):
+        caer.init_params(model, _cfg(), jax.random.key(0), num_frames=T)

@@ -1,0 +1,115 @@
+"""Flax CLIP: geometry, shapes, masks, remat and compute dtype."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caer_jax.models import clip as clip_lib
+
+TINY = clip_lib.CLIPGeometry(
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=2,
+    text_width=32,
+    text_layers=2,
+    text_heads=4,
+    vocab_size=100,
+    context_length=16,
+    embed_dim=24,
+)
+
+
+def _ids(n=3, length=16, eot=(5, 9, 15)):
+    ids = np.zeros((n, length), np.int32)
+    for i, e in enumerate(eot):
+        ids[i, 0] = 98
+        ids[i, 1:e] = np.arange(1, e) + i
+        ids[i, e] = 99
+    return jnp.asarray(ids)
+
+
+def _init(geometry=TINY, **kw):
+    model = clip_lib.CLIP(geometry, **kw)
+    imgs = jnp.ones((2, geometry.image_size, geometry.image_size, 3)) * 0.5
+    params = model.init(jax.random.key(0), imgs, _ids())
+    return model, params, imgs
+
+
+def test_param_tree_and_shapes():
+    model, params, imgs = _init()
+    p = params["params"]
+    assert p["visual"]["conv1"]["kernel"].shape == (8, 8, 3, 32)
+    assert "bias" not in p["visual"]["conv1"]
+    assert p["visual"]["positional_embedding"].shape == (17, 32)
+    assert p["visual"]["proj"].shape == (32, 24)
+    blk = p["text"]["transformer"]["resblocks_1"]
+    assert set(blk) == {"attn", "ln_1", "ln_2", "fc", "proj"}
+    assert set(blk["attn"]) == {"q", "k", "v", "out"}
+    assert blk["fc"]["kernel"].shape == (32, 128)
+    assert p["text"]["token_embedding"]["embedding"].shape == (100, 32)
+    assert p["text"]["text_projection"].shape == (32, 24)
+    img, txt = model.apply(params, imgs, _ids())
+    assert img.shape == (2, 24) and txt.shape == (3, 24)
+    assert img.dtype == jnp.float32
+
+
+def test_text_is_causal_and_pooled_at_eot():
+    model, params, _ = _init()
+    ids = _ids()
+    base = model.apply(params, ids, method=lambda m, x: m.text(x))
+    # Changing tokens after the EOT changes nothing (causal mask); before it changes the feature.
+    after = ids.at[0, 7].set(3)
+    np.testing.assert_allclose(
+        model.apply(params, after, method=lambda m, x: m.text(x)), base, atol=1e-6
+    )
+    before = ids.at[0, 2].set(50)
+    assert not np.allclose(model.apply(params, before, method=lambda m, x: m.text(x))[0], base[0])
+
+
+def test_text_from_embeddings_equals_from_ids():
+    model, params, _ = _init()
+    ids = _ids()
+
+    def via_embeddings(m, x):
+        return m.text.encode(m.text.embed(x), jnp.argmax(x, -1))
+
+    np.testing.assert_allclose(
+        model.apply(params, ids, method=via_embeddings),
+        model.apply(params, ids, method=lambda m, x: m.text(x)),
+        atol=1e-6,
+    )
+
+
+def test_remat_and_bf16_compute():
+    model, params, imgs = _init()
+    ref = model.apply(params, imgs, _ids())
+    out = clip_lib.CLIP(TINY, remat=True).apply(params, imgs, _ids())
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    g = jax.grad(lambda p: clip_lib.CLIP(TINY, remat=True).apply(p, imgs, _ids())[0].sum())(params)
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(g))
+    out16 = clip_lib.CLIP(TINY, dtype=jnp.bfloat16).apply(params, imgs, _ids())
+    for a, b in zip(out16, ref, strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.1 * np.abs(b).max())
+
+
+def test_geometry_from_hf_config_roundtrip():
+    assert clip_lib.CLIPGeometry.from_hf_config(TINY.to_hf_config()) == TINY
+    bad = TINY.to_hf_config()
+    bad.vision_config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act"):
+        clip_lib.CLIPGeometry.from_hf_config(bad)
+    with pytest.raises(ValueError, match="patch_size"):
+        dataclasses.replace(TINY, patch_size=7)
+
+
+def test_dtype_names():
+    assert clip_lib.dtype_from_name("bfloat16") == jnp.bfloat16
+    with pytest.raises(ValueError, match="config.model.dtype"):
+        clip_lib.dtype_from_name("fp8")
