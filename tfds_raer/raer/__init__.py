@@ -1,0 +1,7 @@
+"""The RAER dataset builder ("raer/224px", "raer/64px")."""
+
+from tfds_raer.raer.raer_dataset_builder import (  # noqa: F401
+    Builder,
+    RaerConfig,
+    SkipFrameDecoding,
+)

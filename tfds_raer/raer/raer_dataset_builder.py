@@ -1,0 +1,320 @@
+"""RAER (ICCV 2025 CLIP-CAER): academic emotion video clips, face and context crops per frame.
+
+  tfds build tfds_raer/raer --manual_dir=/data/RAER --data_dir=D --config=64px
+  python -m tfds_raer.build tfds_raer/raer --manual_dir=... --data_dir=D --config=64px  # same flags
+
+or from Python (`import tfds_raer` registers "raer"):
+
+  tfds.builder("raer/64px", data_dir=D).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=M))
+
+Options that are not part of the config name are builder keyword arguments (also accepted as
+`tfds.builder(..., skip_bad_clips=True)`), stored in the dataset metadata ("build_options"):
+skip_bad_clips, validation_fraction, validation_seed, max_frames, jpeg_quality,
+path_prefix_map, num_workers. The data directory depends only on the config name and version.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from caer_jax.prompts import CLASS_NAMES
+from tfds_raer.raer import raer_lib
+
+_DESCRIPTION = """
+RAER: about 2,700 video clips of about 140 students in classrooms, libraries, laboratories and
+dormitories, labelled with one of five academic emotions (Neutrality, Enjoyment, Confusion,
+Fatigue, Distraction). Each example stores, for every frame of the clip, the face crop (face box
+grown by 20 px, whole frame without a box, resized to SxS) and the context crop (body box, whole
+frame without one, letterboxed to SxS), both as JPEG. Labels are 0-based.
+"""
+
+_CITATION = """
+@inproceedings{zhao2025caer,
+  title = {Context-Aware Academic Emotion Dataset and Benchmark},
+  author = {Zhao and others},
+  booktitle = {ICCV},
+  year = {2025},
+  note = {arXiv:2507.00586}
+}
+"""
+
+OPTION_FIELDS = (
+    "skip_bad_clips",
+    "validation_fraction",
+    "validation_seed",
+    "max_frames",
+    "jpeg_quality",
+    "path_prefix_map",
+    "num_workers",
+)
+
+
+@dataclasses.dataclass(kw_only=True)
+class RaerConfig(tfds.core.BuilderConfig):
+    """Crop size S (name f"{S}px") and the build options (see the module docstring).
+
+    skip_bad_clips: leave out bad clips (counted by reason, reported, kept in the metadata)
+      instead of failing on the first one.
+    validation_fraction: > 0 carves a stratified "validation" split from train (seeded).
+    max_frames: > 0 stores at most that many frames per clip, subsampled uniformly.
+    path_prefix_map: ((old, new), ...) rewrites absolute frames_dir prefixes (first match).
+    num_workers: threads decoding and cropping clips (0 = one per core, at most 8).
+    """
+
+    image_size: int = 224
+    jpeg_quality: int = 90
+    skip_bad_clips: bool = False
+    validation_fraction: float = 0.0
+    validation_seed: int = 0
+    max_frames: int = 0
+    path_prefix_map: tuple[tuple[str, str], ...] = ()
+    num_workers: int = 0
+
+
+def _make_config(size: int, description: str) -> RaerConfig:
+    return RaerConfig(name=f"{size}px", image_size=size, description=description)
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    """DatasetBuilder for RAER (manual download)."""
+
+    name = "raer"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Face and context crops per frame, JPEG, ArrayRecord by default."}
+    BUILDER_CONFIGS = [
+        _make_config(224, "224x224 crops, the paper's setting."),
+        _make_config(64, "64x64 crops, for the tiny embedded default."),
+    ]
+    DEFAULT_BUILDER_CONFIG_NAME = "224px"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+    RAER is distributed on request by its authors (see https://github.com/zgsfer/CLIP-CAER).
+    Put these in manual_dir (`--manual_dir=DIR` of `tfds build`, or
+    `tfds.download.DownloadConfig(manual_dir=DIR)`):
+      {raer_lib.ANNOTATION_FILES["train"]}   lines "<frames_dir> <num_frames> <label 1..5>"
+      {raer_lib.ANNOTATION_FILES["test"]}    same format
+      {raer_lib.FACE_BOXES_FILE}  {{frames_dir: {{frame_file_name: [left, upper, right, lower]}}}}
+      {raer_lib.BODY_BOXES_FILE}  {{frames_dir: [left, upper, right, lower]}}
+      <frames_dir>/     one folder of frame images per clip (jpg/png/...), sorted by file name;
+                        frames_dir relative to manual_dir, or absolute (see path_prefix_map)
+    `python -m caer_jax.data.synthetic --out DIR --clips 600` writes a synthetic stand-in.
+    """
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS 4.9.10's own lookup needs the `importlib_resources` backport on Python >= 3.9,
+        # which it does not declare; this file's path is what it would find.
+        return epath.Path(__file__)
+
+    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
+        overrides = {k: kwargs.pop(k) for k in OPTION_FIELDS if k in kwargs}
+        if "path_prefix_map" in overrides:
+            overrides["path_prefix_map"] = tuple(tuple(p) for p in overrides["path_prefix_map"])
+        super().__init__(file_format=file_format, **kwargs)
+        self._original_state.update(overrides, file_format=file_format)  # for pickling
+        self.options: RaerConfig = dataclasses.replace(self.builder_config, **overrides)
+        _check_options(self.options)
+        if file_format is None and not self.is_prepared():
+            self.info.set_file_format("array_record", override=True)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self.builder_config.image_size
+        return self.dataset_info_from_configs(
+            description=_DESCRIPTION,
+            features=tfds.features.FeaturesDict(
+                {
+                    "video_id": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                    "num_frames": tfds.features.Scalar(dtype=np.int32),
+                    "face": tfds.features.Video((None, s, s, 3), encoding_format="jpeg"),
+                    "context": tfds.features.Video((None, s, s, 3), encoding_format="jpeg"),
+                    "face_box_found": tfds.features.Sequence(tfds.features.Scalar(dtype=np.bool_)),
+                    "annotation": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=None,
+            homepage="https://github.com/zgsfer/CLIP-CAER",
+            citation=_CITATION,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        try:
+            manual_dir = epath.Path(dl_manager.manual_dir)
+        except AssertionError as e:  # TFDS raises AssertionError when the folder is missing
+            raise raer_lib.RaerFormatError(f"RAER manual_dir missing: {e}") from None
+        if not manual_dir.is_dir():
+            raise raer_lib.RaerFormatError(
+                f"RAER manual_dir {manual_dir} not found.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        opts = self.options
+        face_boxes, body_boxes = raer_lib.read_boxes(manual_dir)
+        seen: dict[str, str] = {}
+        self._problems = {}
+        self._stats = {}
+        clips = {}
+        for split, file_name in raer_lib.ANNOTATION_FILES.items():
+            problems = raer_lib.Problems()
+            clips[split] = raer_lib.read_split(
+                manual_dir,
+                file_name,
+                face_boxes=face_boxes,
+                body_boxes=body_boxes,
+                seen=seen,
+                skip_bad_clips=opts.skip_bad_clips,
+                problems=problems,
+                prefix_map=opts.path_prefix_map,
+            )
+            self._problems[split] = problems
+        if opts.validation_fraction > 0:
+            clips["train"], clips["validation"] = raer_lib.carve_validation(
+                clips["train"], opts.validation_fraction, opts.validation_seed
+            )
+            self._problems["validation"] = raer_lib.Problems()
+        self.info.metadata["build_options"] = _options_dict(opts)
+        return {split: self._generate_examples(split, c) for split, c in clips.items()}
+
+    def _generate_examples(self, split: str, clips: list[raer_lib.ClipSpec]) -> Iterator:
+        opts = self.options
+        problems = self._problems[split]
+        meta = []
+        start = time.perf_counter()
+        for clip, result in _ordered_map(
+            lambda c: raer_lib.encode_clip(
+                c,
+                image_size=opts.image_size,
+                jpeg_quality=opts.jpeg_quality,
+                max_frames=opts.max_frames,
+            ),
+            clips,
+            opts.num_workers,
+        ):
+            if isinstance(result, raer_lib.BadClip):
+                message = f"{clip.source}: {clip.video_id}: {result.message}"
+                if not opts.skip_bad_clips:
+                    raise raer_lib.RaerFormatError(message)
+                problems.add(result.reason, message)
+                continue
+            meta.append(
+                {
+                    "label": clip.label,
+                    "num_frames": result["num_frames"],
+                    "missing_faces": result["face_box_found"].count(False),
+                    "has_body": clip.body_box is not None,
+                    "bytes": sum(map(len, result["face"])) + sum(map(len, result["context"])),
+                }
+            )
+            yield clip.video_id, result
+        stats = raer_lib.statistics(meta, CLASS_NAMES)
+        stats["seconds"] = round(time.perf_counter() - start, 2)
+        stats["skipped"] = problems.as_dict()
+        self._stats[split] = stats
+        self.info.metadata.setdefault("statistics", {})[split] = stats
+        _report(self.name, self.builder_config.name, split, stats)
+
+
+class SkipFrameDecoding(tfds.decode.SkipDecoding):
+    """Leaves a Video feature's frames as JPEG bytes, for `tfds.data_source(..., decoders=...)`.
+
+    `tfds.decode.SkipDecoding` works with `tfds.load`/`as_dataset` (TF) but fails on the NumPy
+    path of `tfds.data_source` for sequence features such as Video (TFDS 4.9.10 has no
+    `decode_batch_example_np` there). With this decoder `example["face"]` is a 1-D object array
+    of per-frame JPEG bytes, so a pipeline decodes only the frames it samples.
+    """
+
+    def decode_batch_example_np(self, serialized_example):
+        return serialized_example
+
+
+def _check_options(o: RaerConfig) -> None:
+    def bad(msg):
+        raise ValueError(f"raer builder option: {msg}")
+
+    if not 8 <= o.image_size <= 4096:
+        bad(f"image_size must be in 8..4096, got {o.image_size}")
+    if not 1 <= o.jpeg_quality <= 100:
+        bad(f"jpeg_quality must be in 1..100, got {o.jpeg_quality}")
+    if not 0.0 <= o.validation_fraction < 1.0:
+        bad(f"validation_fraction must be in [0, 1), got {o.validation_fraction}")
+    if o.max_frames < 0:
+        bad(f"max_frames must be >= 0 (0 = all), got {o.max_frames}")
+    if o.num_workers < 0:
+        bad(f"num_workers must be >= 0 (0 = one per core), got {o.num_workers}")
+    for pair in o.path_prefix_map:
+        if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+            bad(f"path_prefix_map entries must be (old_prefix, new_prefix) strings, got {pair!r}")
+
+
+def _options_dict(o: RaerConfig) -> dict[str, Any]:
+    d = {k: getattr(o, k) for k in OPTION_FIELDS}
+    d["path_prefix_map"] = [list(p) for p in o.path_prefix_map]
+    d["image_size"] = o.image_size
+    return d
+
+
+def _ordered_map(fn, items: list, num_workers: int) -> Iterator[tuple[Any, Any]]:
+    """(item, fn(item) or the BadClip it raised), in order, computed by a thread pool.
+
+    PIL releases the GIL while decoding, resizing and encoding, so threads use all cores without
+    the start-up cost and pickling of processes. At most 4 clips per thread are in flight.
+    """
+    if num_workers <= 0:
+        num_workers = min(8, _cpu_count())
+
+    def call(item):
+        try:
+            return fn(item)
+        except raer_lib.BadClip as e:
+            return e
+
+    if num_workers == 1:
+        for item in items:
+            yield item, call(item)
+        return
+    window = 4 * num_workers
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(items)
+        for item in it:
+            pending.append((item, pool.submit(call, item)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(call, nxt)))
+            yield item, fut.result()
+
+
+def _cpu_count() -> int:
+    import multiprocessing
+
+    return multiprocessing.cpu_count()
+
+
+def _report(name: str, config: str, split: str, stats: dict[str, Any]) -> None:
+    skipped = stats["skipped"]
+    lines = [
+        f"[{name}/{config}] {split}: {stats['num_clips']} clips, {stats['frames_stored']} frames, "
+        f"{stats['bytes_stored'] / 1e6:.1f} MB of JPEG in {stats['seconds']} s; classes "
+        + json.dumps(stats["class_counts"]),
+        f"  frames without a face box: {stats['frames_without_face_box']}, clips without a body "
+        f"box: {stats['clips_without_body_box']}",
+    ]
+    if skipped["total"]:
+        lines.append(f"  SKIPPED {skipped['total']} bad clips: " + json.dumps(skipped["by_reason"]))
+        lines += [f"    {m}" for m in skipped["first"]]
+    print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,0 +1,412 @@
+"""Reading and checking the RAER release layout, and the face/context crops the builder stores.
+
+No TensorFlow here: the builder (raer_dataset_builder.py) and the benchmark call these functions,
+tests call them to compute expected crops. Paths are `epath.Path`s so that manual_dir may live on
+a cloud bucket.
+
+Layout (manual_dir):
+  <frames_dir>/<frame files>   one folder per clip, frames in sorted file-name order
+  train.txt, test.txt          lines "<frames_dir> <num_frames> <label 1..5>", single spaces
+  face_boxes.json              {frames_dir: {frame_file_name: [left, upper, right, lower]}}
+  body_boxes.json              {frames_dir: [left, upper, right, lower]}
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import math
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+NUM_CLASSES = 5
+ANNOTATION_FILES = {"train": "train.txt", "test": "test.txt"}
+FACE_BOXES_FILE = "face_boxes.json"
+BODY_BOXES_FILE = "body_boxes.json"
+FACE_MARGIN = 20  # pixels added on every side of a face box before cropping (REFERENCE.md)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+class RaerFormatError(ValueError):
+    """The manual_dir does not hold a readable RAER layout; the message names file and line."""
+
+
+class BadClip(Exception):
+    """One clip cannot be used. `reason` is a short code for the skip report."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+Box = tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """One annotation line, resolved against the folder and the box files."""
+
+    video_id: str  # frames_dir exactly as written (the key of the box files)
+    frames_path: str  # folder that holds the frames (after prefix mapping)
+    frame_files: tuple[str, ...]  # sorted frame file names
+    label: int  # 0-based
+    source: str  # "train.txt:12"
+    line: str
+    face_boxes: dict[str, Box]
+    body_box: Box | None
+
+    @property
+    def annotation(self) -> str:
+        return f"{self.source} {self.line}"
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def _int_region(box: Sequence[float], width: int, height: int, margin: float = 0) -> tuple:
+    left = max(0, math.floor(box[0] - margin))
+    upper = max(0, math.floor(box[1] - margin))
+    right = min(width, math.ceil(box[2] + margin))
+    lower = min(height, math.ceil(box[3] + margin))
+    return left, upper, right, lower
+
+
+def face_region(box: Sequence[float] | None, width: int, height: int) -> tuple[int, int, int, int]:
+    """The face box grown by FACE_MARGIN on every side, clamped; the whole frame without a box."""
+    if box is None:
+        return 0, 0, width, height
+    return _int_region(box, width, height, FACE_MARGIN)
+
+
+def crop_face(img: Image.Image, box: Sequence[float] | None, size: int) -> Image.Image:
+    """Face stream crop: margin-grown box, resized to size x size (bilinear, aspect not kept)."""
+    region = face_region(box, *img.size)
+    return img.crop(region).resize((size, size), Image.BILINEAR)
+
+
+def letterbox(img: Image.Image, size: int) -> Image.Image:
+    """Scales to fit size x size keeping the aspect ratio and pads with black, centred.
+
+    The scaled side is round(side * size / longest side); the odd pixel of padding goes to the
+    bottom/right.
+    """
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    out = Image.new("RGB", (size, size))
+    out.paste(img.resize((nw, nh), Image.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
+    return out
+
+
+def crop_context(img: Image.Image, box: Sequence[float] | None, size: int) -> Image.Image:
+    """Context stream crop: the body box (whole frame without one), letterboxed to size x size."""
+    if box is not None:
+        img = img.crop(_int_region(box, *img.size))
+    return letterbox(img, size)
+
+
+def load_rgb(path: epath.Path) -> Image.Image:
+    """Decodes an image file fully (truncated files raise), as RGB."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def subsample(num: int, max_frames: int) -> list[int]:
+    """Indices of at most `max_frames` frames spread uniformly (centre of equal bins); 0 = all."""
+    if max_frames <= 0 or num <= max_frames:
+        return list(range(num))
+    return [int((i + 0.5) * num / max_frames) for i in range(max_frames)]
+
+
+def _check_box_in_image(box: Box, width: int, height: int, what: str) -> None:
+    left, upper, right, lower = box
+    if left < 0 or upper < 0 or right > width or lower > height:
+        raise BadClip(
+            "box_outside_image", f"{what} {list(box)} lies outside the {width}x{height} image"
+        )
+
+
+def encode_clip(
+    clip: ClipSpec, *, image_size: int, jpeg_quality: int, max_frames: int = 0
+) -> dict[str, Any]:
+    """Decodes, checks and crops one clip; returns the example dict the builder writes."""
+    root = epath.Path(clip.frames_path)
+    faces, contexts, found = [], [], []
+    for i in subsample(len(clip.frame_files), max_frames):
+        name = clip.frame_files[i]
+        try:
+            img = load_rgb(root / name)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadClip("corrupt_image", f"{root / name}: cannot decode image: {e}") from None
+        w, h = img.size
+        box = clip.face_boxes.get(name)
+        if box is not None:
+            _check_box_in_image(box, w, h, f"face box of {name} ({FACE_BOXES_FILE})")
+        if clip.body_box is not None:
+            _check_box_in_image(
+                clip.body_box, w, h, f"body box ({BODY_BOXES_FILE}) of frame {name}"
+            )
+        faces.append(encode_jpeg(crop_face(img, box, image_size), jpeg_quality))
+        contexts.append(encode_jpeg(crop_context(img, clip.body_box, image_size), jpeg_quality))
+        found.append(box is not None)
+    return {
+        "video_id": clip.video_id,
+        "label": clip.label,
+        "num_frames": len(faces),
+        "face": faces,
+        "context": contexts,
+        "face_box_found": found,
+        "annotation": clip.annotation,
+    }
+
+
+# ----------------------------------------------------------------------------- annotations
+
+
+def _read_json(path: epath.Path) -> dict:
+    if not path.exists():
+        raise RaerFormatError(f"{path}: file not found (expected {path.name} in manual_dir)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RaerFormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RaerFormatError(
+            f"{path}: expected a JSON object keyed by frames_dir, got {type(data).__name__}"
+        )
+    return data
+
+
+def _as_box(value: Any, where: str) -> Box:
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+    if not ok:
+        raise BadClip(
+            "bad_box", f"{where}: expected [left, upper, right, lower] numbers, got {value!r}"
+        )
+    box = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in box):
+        raise BadClip("bad_box", f"{where}: box {value!r} is not finite")
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise BadClip("bad_box", f"{where}: box {value!r} needs left < right and upper < lower")
+    return box  # type: ignore[return-value]
+
+
+def map_prefix(frames_dir: str, prefix_map: Iterable[tuple[str, str]]) -> str:
+    """Rewrites an absolute frames_dir by the first matching (old_prefix, new_prefix) pair."""
+    for old, new in prefix_map:
+        if frames_dir.startswith(old):
+            return new + frames_dir[len(old) :]
+    return frames_dir
+
+
+def _frame_files(folder: epath.Path) -> tuple[str, ...]:
+    names = [
+        p.name
+        for p in folder.iterdir()
+        if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
+    ]
+    return tuple(sorted(names))
+
+
+@dataclasses.dataclass
+class Problems:
+    """Clips left out in skip mode: counts by reason and the first offenders."""
+
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first: list[str] = dataclasses.field(default_factory=list)
+    keep_first: int = 10
+
+    def add(self, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        if len(self.first) < self.keep_first:
+            self.first.append(message)
+
+    def merge(self, other: Problems) -> None:
+        for reason, n in other.counts.items():
+            self.counts[reason] += n
+        self.first.extend(other.first[: max(0, self.keep_first - len(self.first))])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "by_reason": dict(sorted(self.counts.items())),
+            "first": list(self.first),
+        }
+
+
+def read_split(
+    manual_dir: epath.Path,
+    split_file: str,
+    *,
+    face_boxes: dict,
+    body_boxes: dict,
+    seen: dict[str, str],
+    skip_bad_clips: bool,
+    problems: Problems,
+    prefix_map: Sequence[tuple[str, str]] = (),
+) -> list[ClipSpec]:
+    """Parses and checks one annotation file (frames on disk, boxes); returns its clips.
+
+    Problems that concern one clip raise RaerFormatError naming file and line, or, with
+    `skip_bad_clips`, leave the clip out and are recorded in `problems`. `seen` maps the
+    frames_dir of clips already read (of any split) to their source, to catch duplicates.
+    """
+    path = manual_dir / split_file
+    if not path.exists():
+        raise RaerFormatError(
+            f"{path}: annotation file not found; manual_dir must hold "
+            f"{', '.join(ANNOTATION_FILES.values())}, {FACE_BOXES_FILE}, {BODY_BOXES_FILE} and the "
+            "frame folders"
+        )
+    clips = []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            continue
+        source = f"{split_file}:{number}"
+        try:
+            clips.append(
+                _read_line(manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map)
+            )
+        except BadClip as e:
+            message = f"{path}:{number}: {e.message} (line: {line!r})"
+            if not skip_bad_clips:
+                raise RaerFormatError(message) from None
+            problems.add(e.reason, message)
+    return clips
+
+
+def _read_line(manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map) -> ClipSpec:
+    parts = line.split(" ")
+    if len(parts) != 3 or not all(parts):
+        raise BadClip(
+            "malformed_line",
+            "expected '<frames_dir> <num_frames> <label>' separated by single spaces",
+        )
+    frames_dir, num_text, label_text = parts
+    try:
+        num_frames, label = int(num_text), int(label_text)
+    except ValueError:
+        raise BadClip("malformed_line", "num_frames and label must be integers") from None
+    if not 1 <= label <= NUM_CLASSES:
+        raise BadClip("bad_label", f"label {label} outside 1..{NUM_CLASSES}")
+    if frames_dir in seen:
+        raise BadClip("duplicate_clip", f"{frames_dir} already listed at {seen[frames_dir]}")
+    seen[frames_dir] = source
+    resolved = map_prefix(frames_dir, prefix_map)
+    folder = (
+        epath.Path(resolved)
+        if resolved.startswith("/") or "://" in resolved
+        else manual_dir / resolved
+    )
+    if not folder.is_dir():
+        raise BadClip("missing_frames_dir", f"frames folder {folder} not found")
+    files = _frame_files(folder)
+    if not files:
+        raise BadClip("empty_frames_dir", f"frames folder {folder} holds no image files")
+    if len(files) != num_frames:
+        raise BadClip(
+            "num_frames_mismatch",
+            f"the line says {num_frames} frames but {folder} holds {len(files)} image files",
+        )
+    clip_faces = face_boxes.get(frames_dir, {})
+    if not isinstance(clip_faces, dict):
+        raise BadClip(
+            "bad_box",
+            f"{FACE_BOXES_FILE}[{frames_dir!r}]: expected {{frame_file: [l, u, r, b]}}, "
+            f"got {type(clip_faces).__name__}",
+        )
+    faces = {}
+    for name, value in clip_faces.items():
+        if value is None:  # an explicit miss
+            continue
+        faces[name] = _as_box(value, f"{FACE_BOXES_FILE}[{frames_dir!r}][{name!r}]")
+    body = body_boxes.get(frames_dir)
+    if body is not None:
+        body = _as_box(body, f"{BODY_BOXES_FILE}[{frames_dir!r}]")
+    return ClipSpec(
+        video_id=frames_dir,
+        frames_path=str(folder),
+        frame_files=files,
+        label=label - 1,
+        source=source,
+        line=line,
+        face_boxes=faces,
+        body_box=body,
+    )
+
+
+def read_boxes(manual_dir: epath.Path) -> tuple[dict, dict]:
+    return _read_json(manual_dir / FACE_BOXES_FILE), _read_json(manual_dir / BODY_BOXES_FILE)
+
+
+def carve_validation(clips: list[ClipSpec], fraction: float, seed: int):
+    """Stratified split of `clips` into (train, validation) with a fixed seed.
+
+    Every class gives round(n_c * fraction) clips (at least one when it has two or more), picked
+    by a seeded shuffle of the clips sorted by video_id, so the result does not depend on the
+    order of the annotation file.
+    """
+    rng = random.Random(seed)
+    by_class: dict[int, list[ClipSpec]] = collections.defaultdict(list)
+    for c in sorted(clips, key=lambda c: c.video_id):
+        by_class[c.label].append(c)
+    val_ids = set()
+    for label in sorted(by_class):
+        members = by_class[label]
+        n = round(len(members) * fraction)
+        if n == 0 and len(members) >= 2:
+            n = 1
+        n = min(n, len(members) - 1)
+        order = list(range(len(members)))
+        rng.shuffle(order)
+        val_ids.update(members[i].video_id for i in order[:n])
+    train = [c for c in clips if c.video_id not in val_ids]
+    val = [c for c in clips if c.video_id in val_ids]
+    return train, val
+
+
+def statistics(
+    examples_meta: Sequence[dict[str, Any]], class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Per-split figures printed at the end of a build and kept in the dataset metadata."""
+    n = len(examples_meta)
+    frames = np.array([m["num_frames"] for m in examples_meta] or [0])
+    counts = collections.Counter(m["label"] for m in examples_meta)
+    return {
+        "num_clips": n,
+        "class_counts": {name: counts.get(i, 0) for i, name in enumerate(class_names)},
+        "frames_stored": int(frames.sum()),
+        "frames_per_clip": {
+            "min": int(frames.min()),
+            "mean": round(float(frames.mean()), 2),
+            "max": int(frames.max()),
+        },
+        "frames_without_face_box": int(sum(m["missing_faces"] for m in examples_meta)),
+        "clips_without_body_box": int(sum(not m["has_body"] for m in examples_meta)),
+        "bytes_stored": int(sum(m["bytes"] for m in examples_meta)),
+    }
