@@ -1,0 +1,443 @@
+"""Import CLIP weights into the Flax CLIP of clip.py, with explicit name and layout mapping.
+
+Accepted sources (`load_clip_params(source)`):
+  - a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin) or hub id
+    (downloaded through huggingface_hub when there is a network);
+  - flax_model.msgpack as written by transformers 4.x's Flax CLIP (a file, or a folder holding one);
+  - an OpenAI CLIP state dict (`visual.*`, `transformer.*`, ...) in a .pt/.pth file (a plain
+    `torch.save` of the state dict, read with `weights_only=True`, or OpenAI's TorchScript archive).
+
+Layouts: PyTorch Linear `[out, in]` -> Dense kernel `[in, out]`; conv `[out, in, kh, kw]` (NCHW) ->
+HWIO; OpenAI's packed `in_proj_weight [3W, W]` -> q, k, v (in that order). Every importer returns
+the parameter tree of `clip.CLIP` ({"visual": ..., "text": ...}, numpy float32) and the geometry
+the tensors imply; every mismatch names the key and both shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from caer_jax.models.clip import CLIPGeometry
+
+FORMATS = (
+    "a Hugging Face CLIP folder or hub id (config.json + model.safetensors or pytorch_model.bin)",
+    "flax_model.msgpack of transformers 4.x Flax CLIP (file, or folder holding it)",
+    "an OpenAI CLIP state dict file (.pt/.pth: torch.save of a state dict, or a TorchScript archive)",
+)
+# Buffers and parameters that the Flax model does not hold (logit scale comes from the config).
+_IGNORED = re.compile(r"(.*position_ids|logit_scale|input_resolution|context_length|vocab_size)$")
+
+
+class WeightsError(ValueError):
+    """A checkpoint does not fit the model: names the key, and both shapes where they differ."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach()
+        if x.dtype.is_floating_point and x.dtype != __import__("torch").float32:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+class _Source:
+    """A flat name -> tensor mapping whose keys are consumed as they are mapped."""
+
+    def __init__(self, tensors: Mapping[str, Any], what: str):
+        self.tensors = dict(tensors)
+        self.what = what
+        self.used: set[str] = set()
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.tensors:
+            raise WeightsError(f"{self.what}: missing key {key!r}")
+        self.used.add(key)
+        return _np(self.tensors[key]).astype(np.float32, copy=False)
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def check_all_used(self) -> None:
+        extra = sorted(k for k in self.tensors if k not in self.used and not _IGNORED.match(k))
+        if extra:
+            shape = tuple(_np(self.tensors[extra[0]]).shape)
+            raise WeightsError(
+                f"{self.what}: unexpected key {extra[0]!r} with shape {shape}"
+                + (f" (and {len(extra) - 1} more: {extra[1:4]})" if len(extra) > 1 else "")
+            )
+
+
+def _layer_count(keys: Any, pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    if found != set(range(len(found))):
+        raise WeightsError(f"layer indices {sorted(found)} of {pattern!r} are not 0..n-1")
+    return len(found)
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-format name maps. Each block mapper fills our names under `dst` from a source block.
+
+
+def _linear(flat, dst, src: _Source, w: str, b: str | None) -> None:
+    flat[f"{dst}/kernel"] = src.get(w).T
+    if b is not None:
+        flat[f"{dst}/bias"] = src.get(b)
+
+
+def _norm(flat, dst, src: _Source, prefix: str, scale="weight", bias="bias") -> None:
+    flat[f"{dst}/scale"] = src.get(f"{prefix}.{scale}")
+    flat[f"{dst}/bias"] = src.get(f"{prefix}.{bias}")
+
+
+def _hf_block(flat, dst, src: _Source, p: str) -> None:
+    _norm(flat, f"{dst}/ln_1", src, f"{p}.layer_norm1")
+    _norm(flat, f"{dst}/ln_2", src, f"{p}.layer_norm2")
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
+        _linear(
+            flat,
+            f"{dst}/attn/{ours}",
+            src,
+            f"{p}.self_attn.{theirs}.weight",
+            f"{p}.self_attn.{theirs}.bias",
+        )
+    _linear(flat, f"{dst}/fc", src, f"{p}.mlp.fc1.weight", f"{p}.mlp.fc1.bias")
+    _linear(flat, f"{dst}/proj", src, f"{p}.mlp.fc2.weight", f"{p}.mlp.fc2.bias")
+
+
+def _openai_block(flat, dst, src: _Source, p: str) -> None:
+    _norm(flat, f"{dst}/ln_1", src, f"{p}.ln_1")
+    _norm(flat, f"{dst}/ln_2", src, f"{p}.ln_2")
+    w = src.get(f"{p}.attn.in_proj_weight")
+    b = src.get(f"{p}.attn.in_proj_bias")
+    if w.shape[0] % 3 or b.shape[0] != w.shape[0]:
+        raise WeightsError(
+            f"{src.what}: {p}.attn.in_proj_weight has shape {w.shape} and in_proj_bias "
+            f"{b.shape}; expected [3W, W] and [3W]"
+        )
+    for i, name in enumerate(("q", "k", "v")):
+        n = w.shape[0] // 3
+        flat[f"{dst}/attn/{name}/kernel"] = w[i * n : (i + 1) * n].T
+        flat[f"{dst}/attn/{name}/bias"] = b[i * n : (i + 1) * n]
+    _linear(flat, f"{dst}/attn/out", src, f"{p}.attn.out_proj.weight", f"{p}.attn.out_proj.bias")
+    _linear(flat, f"{dst}/fc", src, f"{p}.mlp.c_fc.weight", f"{p}.mlp.c_fc.bias")
+    _linear(flat, f"{dst}/proj", src, f"{p}.mlp.c_proj.weight", f"{p}.mlp.c_proj.bias")
+
+
+def _geometry(flat: dict[str, np.ndarray], heads: tuple[int, int] | None) -> CLIPGeometry:
+    """Geometry implied by our-named tensors (OpenAI's build_model rules; heads = width // 64)."""
+    conv = flat["visual/conv1/kernel"]
+    vw, tw = conv.shape[3], flat["text/ln_final/scale"].shape[0]
+    grid = round((flat["visual/positional_embedding"].shape[0] - 1) ** 0.5)
+    vh, th = heads if heads else (max(vw // 64, 1), max(tw // 64, 1))
+    return CLIPGeometry(
+        image_size=grid * conv.shape[0],
+        patch_size=conv.shape[0],
+        vision_width=vw,
+        vision_layers=_layer_count(flat, r"visual/transformer/resblocks_(\d+)/"),
+        vision_heads=vh,
+        text_width=tw,
+        text_layers=_layer_count(flat, r"text/transformer/resblocks_(\d+)/"),
+        text_heads=th,
+        vocab_size=flat["text/token_embedding/embedding"].shape[0],
+        context_length=flat["text/positional_embedding"].shape[0],
+        embed_dim=flat["text/text_projection"].shape[1],
+    )
+
+
+def from_hf_state_dict(
+    state_dict: Mapping[str, Any], heads: tuple[int, int] | None = None, what: str = "HF CLIP"
+) -> tuple[dict, CLIPGeometry]:
+    """transformers CLIPModel state dict (PyTorch names) -> (CLIP params, geometry)."""
+    src = _Source(state_dict, what)
+    flat: dict[str, np.ndarray] = {}
+    v, t = "vision_model", "text_model"
+    flat["visual/conv1/kernel"] = src.get(f"{v}.embeddings.patch_embedding.weight").transpose(
+        2, 3, 1, 0
+    )
+    flat["visual/class_embedding"] = src.get(f"{v}.embeddings.class_embedding")
+    flat["visual/positional_embedding"] = src.get(f"{v}.embeddings.position_embedding.weight")
+    _norm(flat, "visual/ln_pre", src, f"{v}.pre_layrnorm")
+    for i in range(_layer_count(src.tensors, rf"{v}\.encoder\.layers\.(\d+)\.")):
+        _hf_block(flat, f"visual/transformer/resblocks_{i}", src, f"{v}.encoder.layers.{i}")
+    _norm(flat, "visual/ln_post", src, f"{v}.post_layernorm")
+    flat["visual/proj"] = src.get("visual_projection.weight").T
+    flat["text/token_embedding/embedding"] = src.get(f"{t}.embeddings.token_embedding.weight")
+    flat["text/positional_embedding"] = src.get(f"{t}.embeddings.position_embedding.weight")
+    for i in range(_layer_count(src.tensors, rf"{t}\.encoder\.layers\.(\d+)\.")):
+        _hf_block(flat, f"text/transformer/resblocks_{i}", src, f"{t}.encoder.layers.{i}")
+    _norm(flat, "text/ln_final", src, f"{t}.final_layer_norm")
+    flat["text/text_projection"] = src.get("text_projection.weight").T
+    src.check_all_used()
+    return _unflatten(flat), _geometry(flat, heads)
+
+
+def from_openai_state_dict(
+    state_dict: Mapping[str, Any], prefix: str = "", what: str = "OpenAI CLIP"
+) -> tuple[dict, CLIPGeometry]:
+    """OpenAI CLIP state dict (`visual.*`, `transformer.*`, ...) -> (CLIP params, geometry).
+
+    `prefix` selects a sub-dict (e.g. "clip_model_." in a CLIP-CAER checkpoint); other keys are
+    ignored then.
+    """
+    if prefix:
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    src = _Source(state_dict, what)
+    flat: dict[str, np.ndarray] = {}
+    flat["visual/conv1/kernel"] = src.get("visual.conv1.weight").transpose(2, 3, 1, 0)
+    flat["visual/class_embedding"] = src.get("visual.class_embedding")
+    flat["visual/positional_embedding"] = src.get("visual.positional_embedding")
+    _norm(flat, "visual/ln_pre", src, "visual.ln_pre")
+    for i in range(_layer_count(src.tensors, r"visual\.transformer\.resblocks\.(\d+)\.")):
+        _openai_block(
+            flat, f"visual/transformer/resblocks_{i}", src, f"visual.transformer.resblocks.{i}"
+        )
+    _norm(flat, "visual/ln_post", src, "visual.ln_post")
+    flat["visual/proj"] = src.get("visual.proj")
+    flat["text/token_embedding/embedding"] = src.get("token_embedding.weight")
+    flat["text/positional_embedding"] = src.get("positional_embedding")
+    for i in range(_layer_count(src.tensors, r"transformer\.resblocks\.(\d+)\.")):
+        _openai_block(flat, f"text/transformer/resblocks_{i}", src, f"transformer.resblocks.{i}")
+    _norm(flat, "text/ln_final", src, "ln_final")
+    flat["text/text_projection"] = src.get("text_projection")
+    src.check_all_used()
+    return _unflatten(flat), _geometry(flat, None)
+
+
+def from_flax_hf_params(
+    tree: Mapping, heads: tuple[int, int] | None = None, what: str = "flax_model.msgpack"
+) -> tuple[dict, CLIPGeometry]:
+    """Params of transformers 4.x FlaxCLIPModel (nested dict) -> (CLIP params, geometry)."""
+    if "params" in tree and len(tree) == 1:
+        tree = tree["params"]
+    src = _Source({k.replace("/", "."): v for k, v in _flatten(tree).items()}, what)
+    flat: dict[str, np.ndarray] = {}
+    v, t = "vision_model", "text_model"
+
+    def block(dst: str, p: str) -> None:
+        for ours, theirs in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
+            _norm(flat, f"{dst}/{ours}", src, f"{p}.{theirs}", "scale", "bias")
+        pairs = [
+            (f"attn/{o}", f"self_attn.{n}")
+            for o, n in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj"))
+        ]
+        for ours, theirs in pairs + [("fc", "mlp.fc1"), ("proj", "mlp.fc2")]:
+            flat[f"{dst}/{ours}/kernel"] = src.get(f"{p}.{theirs}.kernel")
+            flat[f"{dst}/{ours}/bias"] = src.get(f"{p}.{theirs}.bias")
+
+    flat["visual/conv1/kernel"] = src.get(f"{v}.embeddings.patch_embedding.kernel")
+    flat["visual/class_embedding"] = src.get(f"{v}.embeddings.class_embedding")
+    flat["visual/positional_embedding"] = src.get(f"{v}.embeddings.position_embedding.embedding")
+    _norm(flat, "visual/ln_pre", src, f"{v}.pre_layrnorm", "scale", "bias")
+    for i in range(_layer_count(src.tensors, rf"{v}\.encoder\.layers\.(\d+)\.")):
+        block(f"visual/transformer/resblocks_{i}", f"{v}.encoder.layers.{i}")
+    _norm(flat, "visual/ln_post", src, f"{v}.post_layernorm", "scale", "bias")
+    flat["visual/proj"] = src.get("visual_projection.kernel")
+    flat["text/token_embedding/embedding"] = src.get(f"{t}.embeddings.token_embedding.embedding")
+    flat["text/positional_embedding"] = src.get(f"{t}.embeddings.position_embedding.embedding")
+    for i in range(_layer_count(src.tensors, rf"{t}\.encoder\.layers\.(\d+)\.")):
+        block(f"text/transformer/resblocks_{i}", f"{t}.encoder.layers.{i}")
+    _norm(flat, "text/ln_final", src, f"{t}.final_layer_norm", "scale", "bias")
+    flat["text/text_projection"] = src.get("text_projection.kernel")
+    src.check_all_used()
+    return _unflatten(flat), _geometry(flat, heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A torch checkpoint as a dict, never unpickling arbitrary objects.
+
+    Plain `torch.save` files go through `torch.load(weights_only=True)` (only tensors and plain
+    containers; anything else is refused). OpenAI's released CLIP .pt files are TorchScript
+    archives, which weights_only refuses; those are read with `torch.jit.load`, whose
+    deserialiser builds TorchScript modules and does not run pickled Python callables.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as e:
+        if "TorchScript" not in str(e):
+            raise
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except __import__("pickle").UnpicklingError as e:
+        raise WeightsError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers "
+            f"(torch.load weights_only=True): {str(e).splitlines()[0]}"
+        ) from e
+
+
+def _hf_heads(config_path: Path) -> tuple[tuple[int, int], Any]:
+    from transformers import CLIPConfig
+
+    config = CLIPConfig.from_pretrained(str(config_path.parent))
+    geometry = CLIPGeometry.from_hf_config(config)
+    return (geometry.vision_heads, geometry.text_heads), geometry
+
+
+def _load_hf_folder(folder: Path) -> tuple[dict, CLIPGeometry]:
+    heads, config_geometry = _hf_heads(folder / "config.json")
+    if (folder / "model.safetensors").exists():
+        from safetensors.numpy import load_file
+
+        f = folder / "model.safetensors"
+        sd = load_file(str(f))
+    elif (folder / "pytorch_model.bin").exists():
+        f = folder / "pytorch_model.bin"
+        sd = load_torch_file(f)
+    elif (folder / "flax_model.msgpack").exists():
+        return _load_msgpack(folder / "flax_model.msgpack")
+    else:
+        raise WeightsError(
+            f"{folder} has config.json but no model.safetensors, pytorch_model.bin or "
+            "flax_model.msgpack"
+        )
+    params, geometry = from_hf_state_dict(sd, heads, what=str(f))
+    _check_geometry(geometry, config_geometry, f)
+    return params, geometry
+
+
+def _load_msgpack(path: Path) -> tuple[dict, CLIPGeometry]:
+    from flax import serialization
+
+    tree = serialization.msgpack_restore(path.read_bytes())
+    heads, config_geometry = None, None
+    if (path.parent / "config.json").exists():
+        heads, config_geometry = _hf_heads(path.parent / "config.json")
+    params, geometry = from_flax_hf_params(tree, heads, what=str(path))
+    if config_geometry is not None:
+        _check_geometry(geometry, config_geometry, path)
+    return params, geometry
+
+
+def _check_geometry(found: CLIPGeometry, config: CLIPGeometry, where: Any) -> None:
+    if found != config:
+        raise WeightsError(f"{where}: tensors imply {found} but config.json says {config}")
+
+
+def load_clip_weights(source: str | os.PathLike) -> tuple[dict, CLIPGeometry]:
+    """CLIP params ({"visual", "text"}, numpy float32) and their geometry, from any format."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return _load_hf_folder(path)
+        if (path / "flax_model.msgpack").exists():
+            return _load_msgpack(path / "flax_model.msgpack")
+    elif path.is_file():
+        if path.suffix == ".msgpack":
+            return _load_msgpack(path)
+        if path.suffix in (".pt", ".pth", ".bin"):
+            sd = load_torch_file(path)
+            if isinstance(sd, Mapping) and "state_dict" in sd:
+                sd = sd["state_dict"]
+            if isinstance(sd, Mapping) and "visual.conv1.weight" in sd:
+                return from_openai_state_dict(sd, what=str(path))
+            if isinstance(sd, Mapping) and "vision_model.embeddings.patch_embedding.weight" in sd:
+                return from_hf_state_dict(sd, what=str(path))
+            raise WeightsError(
+                f"{path}: not a CLIP state dict (no visual.conv1.weight nor "
+                "vision_model.embeddings.patch_embedding.weight); accepted formats: "
+                + "; ".join(FORMATS)
+            )
+    elif not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        return _load_hf_folder(_download(str(source)))
+    raise WeightsError(
+        f"cannot read CLIP weights from {str(source)!r}; accepted: " + "; ".join(FORMATS)
+    )
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=[
+                    "config.json",
+                    "model.safetensors",
+                    "vocab.json",
+                    "merges.txt",
+                    "tokenizer*.json",
+                    "special_tokens_map.json",
+                ],
+            )
+        )
+    except Exception as e:  # noqa: BLE001 - any hub failure gets the same explanation
+        raise WeightsError(
+            f"could not download the Hugging Face CLIP {repo_id!r} ({type(e).__name__}: {e}); "
+            "without a network, pass a local folder or file as config.model.clip.source"
+        ) from e
+
+
+def load_clip_params(source: str | os.PathLike, geometry: CLIPGeometry | None = None) -> dict:
+    """`load_clip_weights`, checked against the expected geometry (error names both)."""
+    params, found = load_clip_weights(source)
+    if geometry is not None and found != geometry:
+        diffs = [
+            f"{k}: config {getattr(geometry, k)} vs weights {getattr(found, k)}"
+            for k in geometry.__dataclass_fields__
+            if getattr(geometry, k) != getattr(found, k)
+        ]
+        raise WeightsError(
+            f"CLIP weights {str(source)!r} do not match config.model.clip: " + "; ".join(diffs)
+        )
+    return params
+
+
+def merge_checked(target: Mapping, loaded: Mapping, prefix: str) -> dict:
+    """`loaded` as a tree of the same structure as `target`, float32; names any mismatch."""
+    t_flat, l_flat = _flatten(target), _flatten(loaded)
+    for k in t_flat:
+        if k not in l_flat:
+            raise WeightsError(
+                f"missing key {prefix}/{k} (expected shape {tuple(t_flat[k].shape)})"
+            )
+    for k in l_flat:
+        if k not in t_flat:
+            raise WeightsError(f"unexpected key {prefix}/{k} with shape {tuple(l_flat[k].shape)}")
+        if tuple(l_flat[k].shape) != tuple(t_flat[k].shape):
+            raise WeightsError(
+                f"wrong shape for {prefix}/{k}: checkpoint {tuple(l_flat[k].shape)}, "
+                f"model {tuple(t_flat[k].shape)}"
+            )
+    return _unflatten({k: np.asarray(v, np.float32) for k, v in l_flat.items()})
