@@ -1,0 +1,404 @@
+"""The RAER TFDS builder: crops, ArrayRecord random access, options, and bad input."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import tfds_raer
+from caer_jax.data import synthetic
+from tfds_raer.raer import raer_lib
+from tfds_raer.raer.raer_dataset_builder import Builder
+
+DUMMY = Path(Builder.code_path).parent / "dummy_data"
+RaerFormatError = raer_lib.RaerFormatError
+
+
+def build(manual_dir, data_dir, config="64px", **options):
+    builder = tfds.builder(f"raer/{config}", data_dir=str(data_dir), **options)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+    return builder
+
+
+def dummy_copy(tmp_path) -> Path:
+    out = tmp_path / "manual"
+    shutil.copytree(DUMMY, out)
+    return out
+
+
+def rewrite(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def test_letterbox_geometry():
+    img = Image.new("RGB", (30, 10), (255, 255, 255))
+    out = np.asarray(raer_lib.letterbox(img, 16))
+    rows = np.flatnonzero(out[:, :, 0].max(axis=1) > 0)
+    # 10 * 16/30 = 5.33 -> 5 rows; 11 rows of padding: 5 on top, the odd one at the bottom
+    assert rows.tolist() == [5, 6, 7, 8, 9]
+    assert out.shape == (16, 16, 3) and out[:, :, 0].max(axis=0).min() > 0
+    tall = np.asarray(raer_lib.letterbox(Image.new("RGB", (5, 20), (255, 0, 0)), 8))
+    cols = np.flatnonzero(tall[:, :, 0].max(axis=0) > 0)
+    assert cols.tolist() == [3, 4]  # 2 columns, 6 of padding: 3 left, 3 right
+
+
+def test_face_region_margin_and_clamp():
+    assert raer_lib.face_region([30, 40, 50, 60], 160, 120) == (10, 20, 70, 80)
+    assert raer_lib.face_region([5, 3, 150, 110], 160, 120) == (0, 0, 160, 120)
+    assert raer_lib.face_region(None, 160, 120) == (0, 0, 160, 120)
+    assert raer_lib.subsample(10, 4) == [1, 3, 6, 8]
+    assert raer_lib.subsample(3, 4) == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- a built dataset
+
+
+@pytest.fixture(scope="module")
+def synthetic_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("b")
+    manual = root / "manual"
+    synthetic.generate(
+        manual, 12, seed=5, min_frames=3, max_frames=6, width=96, height=72, workers=1
+    )
+    build(manual, root / "tfds", "64px")
+    return manual, root / "tfds"
+
+
+def _annotations(manual: Path) -> dict[str, tuple[int, int]]:
+    rows = {}
+    for split in ("train", "test"):
+        for line in (manual / f"{split}.txt").read_text().splitlines():
+            d, n, label = line.split(" ")
+            rows[d] = (int(n), int(label))
+    return rows
+
+
+def test_data_source_random_access_and_crop_pixels(synthetic_build):
+    manual, data_dir = synthetic_build
+    faces = json.loads((manual / "face_boxes.json").read_text())
+    bodies = json.loads((manual / "body_boxes.json").read_text())
+    rows = _annotations(manual)
+    ds = tfds.data_source("raer/64px", split="train", data_dir=str(data_dir))
+    assert type(ds).__name__ == "ArrayRecordDataSource"
+    assert len(ds) == len((manual / "train.txt").read_text().splitlines())
+    checked_missing = 0
+    for i in reversed(range(len(ds))):  # random access, any order
+        ex = ds[i]
+        video_id = ex["video_id"].decode()
+        n, label = rows[video_id]
+        assert ex["label"] == label - 1 and ex["num_frames"] == n
+        assert ex["annotation"].decode().endswith(f"{video_id} {n} {label}")
+        face, context = np.asarray(ex["face"]), np.asarray(ex["context"])
+        assert face.shape == context.shape == (n, 64, 64, 3) and face.dtype == np.uint8
+        names = sorted(p.name for p in (manual / video_id).iterdir())
+        assert list(ex["face_box_found"]) == [name in faces[video_id] for name in names]
+        for t, name in enumerate(names):
+            src = Image.open(manual / video_id / name).convert("RGB")
+            box = faces[video_id].get(name)
+            checked_missing += box is None
+            want_face = np.asarray(raer_lib.crop_face(src, box, 64), np.float32)
+            want_ctx = np.asarray(raer_lib.crop_context(src, bodies.get(video_id), 64), np.float32)
+            # independent of raer_lib: crop by hand for the face stream
+            if box is not None:
+                left, u, r, b = box
+                region = (max(0, left - 20), max(0, u - 20), min(96, r + 20), min(72, b + 20))
+            else:
+                region = (0, 0, 96, 72)
+            by_hand = np.asarray(src.crop(region).resize((64, 64), Image.BILINEAR), np.float32)
+            np.testing.assert_array_equal(want_face, by_hand)
+            for got, want in ((face[t], want_face), (context[t], want_ctx)):
+                # JPEG tolerance (these noisy frames lose ~5 levels on average at quality 90)
+                diff = np.abs(got.astype(np.float32) - want)
+                assert diff.mean() < 8.0 and np.percentile(diff, 99) < 60
+                # and exactly what encoding the expected crop at the configured quality gives
+                jpeg = raer_lib.encode_jpeg(Image.fromarray(want.astype(np.uint8)), 90)
+                np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(jpeg))))
+    assert checked_missing > 0  # frames without a face box were among those checked
+
+
+def test_skip_frame_decoding_gives_jpeg_bytes(synthetic_build):
+    _, data_dir = synthetic_build
+    ds = tfds.data_source("raer/64px", split="test", data_dir=str(data_dir))
+    raw = tfds.data_source(
+        "raer/64px",
+        split="test",
+        data_dir=str(data_dir),
+        decoders={
+            "face": tfds_raer.raer.SkipFrameDecoding(),
+            "context": tfds_raer.raer.SkipFrameDecoding(),
+        },
+    )
+    ex, ex_raw = ds[1], raw[1]
+    assert ex_raw["face"].dtype == object and len(ex_raw["face"]) == ex["num_frames"]
+    for t, jpeg in enumerate(ex_raw["context"]):
+        assert jpeg[:2] == b"\xff\xd8"
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(jpeg))), ex["context"][t])
+
+
+def test_statistics_in_metadata(synthetic_build):
+    manual, data_dir = synthetic_build
+    builder = tfds.builder("raer/64px", data_dir=str(data_dir))
+    stats = builder.info.metadata["statistics"]
+    faces = json.loads((manual / "face_boxes.json").read_text())
+    rows = _annotations(manual)
+    assert stats["train"]["num_clips"] + stats["test"]["num_clips"] == 12
+    assert stats["train"]["frames_stored"] + stats["test"]["frames_stored"] == sum(
+        n for n, _ in rows.values()
+    )
+    missing = sum(n - len(faces[d]) for d, (n, _) in rows.items())
+    assert (
+        stats["train"]["frames_without_face_box"] + stats["test"]["frames_without_face_box"]
+        == missing
+    )
+    assert builder.info.metadata["build_options"]["skip_bad_clips"] is False
+    assert builder.info.file_format.value == "array_record"
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_validation_split_max_frames_prefix_map_and_quality(tmp_path):
+    manual = tmp_path / "manual"
+    synthetic.generate(
+        manual, 40, seed=2, label_noise=0.0, min_frames=5, max_frames=9, width=64, height=48
+    )
+    # absolute frames_dir under a prefix that does not exist here, mapped back by path_prefix_map
+    for split in ("train", "test"):
+        rewrite(manual / f"{split}.txt", "clips/", "/old/raer/clips/")
+    for name in ("face_boxes.json", "body_boxes.json"):
+        rewrite(manual / name, '"clips/', '"/old/raer/clips/')
+    opts = dict(
+        validation_fraction=0.25,
+        validation_seed=1,
+        max_frames=4,
+        path_prefix_map=[("/old/raer/", f"{manual}/")],
+    )
+    b = build(manual, tmp_path / "a", **opts)
+    splits = b.info.splits
+    assert splits["train"].num_examples + splits["validation"].num_examples == 32
+    # train holds 13/3/3/6/7 clips per class; round(0.25 * n) each, at least one
+    assert splits["validation"].num_examples == 9
+    val = tfds.data_source("raer/64px", split="validation", data_dir=str(tmp_path / "a"))
+    train = tfds.data_source("raer/64px", split="train", data_dir=str(tmp_path / "a"))
+    val_ids = {val[i]["video_id"] for i in range(len(val))}
+    assert not val_ids & {train[i]["video_id"] for i in range(len(train))}
+    assert all(v.startswith(b"/old/raer/clips/") for v in val_ids)
+    assert sorted(val[i]["label"] for i in range(len(val))) == [0, 0, 0, 1, 2, 3, 3, 4, 4]
+    assert all(val[i]["num_frames"] == 4 for i in range(len(val)))
+    # the same seed picks the same clips; the quality option changes the bytes stored
+    b2 = build(manual, tmp_path / "b", jpeg_quality=40, **opts)
+    val2 = tfds.data_source("raer/64px", split="validation", data_dir=str(tmp_path / "b"))
+    assert {val2[i]["video_id"] for i in range(len(val2))} == val_ids
+    s1, s2 = b.info.metadata["statistics"], b2.info.metadata["statistics"]
+    assert s2["train"]["bytes_stored"] < 0.8 * s1["train"]["bytes_stored"]
+
+
+def test_any_image_format_and_the_built_frames(tmp_path):
+    manual = dummy_copy(tmp_path)
+    im = Image.open(manual / "clips/a04/000002.jpg")
+    im.save(manual / "clips/a04/000002.bmp")
+    (manual / "clips/a04/000002.jpg").unlink()
+    rewrite(manual / "face_boxes.json", '"000002.jpg": [\n   15', '"000002.bmp": [\n   15')
+    (manual / "clips/a04/notes.txt").write_text("not a frame")
+    b = build(manual, tmp_path / "d")
+    ds = tfds.data_source("raer/64px", split="train", data_dir=str(tmp_path / "d"))
+    ex = {ds[i]["video_id"]: ds[i] for i in range(len(ds))}
+    assert ex[b"clips/a04"]["num_frames"] == 3 and all(ex[b"clips/a04"]["face_box_found"])
+    assert list(ex[b"clips/a01"]["face_box_found"]) == [True, False, True]
+    assert b.info.metadata["statistics"]["train"]["clips_without_body_box"] == 1
+
+
+def test_cli_build(tmp_path, capsys):
+    from tfds_raer import build as cli
+
+    cli.main(
+        [
+            str(DUMMY.parent),
+            f"--manual_dir={DUMMY}",
+            f"--data_dir={tmp_path}",
+            "--config=64px",
+        ]
+    )
+    files = {p.name for p in (tmp_path / "raer/64px/1.0.0").iterdir()}
+    assert "raer-train.array_record-00000-of-00001" in files
+    assert "[raer/64px] train: 4 clips" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_manual_dir(tmp_path):
+    with pytest.raises(Exception, match="manual"):
+        build(tmp_path / "nowhere", tmp_path / "d")
+
+
+def _expect(tmp_path, manual, match):
+    with pytest.raises(RaerFormatError, match=match):
+        build(manual, tmp_path / "d")
+
+
+def test_missing_annotation_file(tmp_path):
+    manual = dummy_copy(tmp_path)
+    (manual / "test.txt").unlink()
+    _expect(tmp_path, manual, r"test\.txt: annotation file not found")
+
+
+def test_missing_box_file(tmp_path):
+    manual = dummy_copy(tmp_path)
+    (manual / "body_boxes.json").unlink()
+    _expect(tmp_path, manual, r"body_boxes\.json: file not found")
+
+
+@pytest.mark.parametrize(
+    "old, new, match",
+    [
+        ("clips/a02 2 2", "clips/a02 2 6", r"train\.txt:2: label 6 outside 1\.\.5"),
+        ("clips/a02 2 2", "clips/a02 2 0", r"train\.txt:2: label 0 outside"),
+        (
+            "clips/a02 2 2",
+            "clips/a02  2 2",
+            r"train\.txt:2: expected '<frames_dir> <num_frames> <label>'",
+        ),
+        ("clips/a02 2 2", "clips/a02 2", r"train\.txt:2: expected"),
+        (
+            "clips/a02 2 2",
+            "clips/a02 two 2",
+            r"train\.txt:2: num_frames and label must be integers",
+        ),
+        (
+            "clips/a02 2 2",
+            "clips/a02 3 2",
+            r"train\.txt:2: the line says 3 frames but .*a02 holds 2",
+        ),
+        ("clips/a02 2 2", "clips/zz 2 2", r"train\.txt:2: frames folder .*clips/zz not found"),
+        (
+            "clips/a02 2 2",
+            "clips/a01 3 2",
+            r"train\.txt:2: clips/a01 already listed at train\.txt:1",
+        ),
+    ],
+)
+def test_bad_annotation_lines(tmp_path, old, new, match):
+    manual = dummy_copy(tmp_path)
+    rewrite(manual / "train.txt", old, new)
+    _expect(tmp_path, manual, match)
+
+
+def test_duplicate_across_splits(tmp_path):
+    manual = dummy_copy(tmp_path)
+    rewrite(manual / "test.txt", "clips/b01 2 3", "clips/a02 2 3")
+    _expect(tmp_path, manual, r"test\.txt:1: clips/a02 already listed at train\.txt:2")
+
+
+def test_empty_frames_folder(tmp_path):
+    manual = dummy_copy(tmp_path)
+    for p in (manual / "clips/a03").iterdir():
+        p.unlink()
+    _expect(tmp_path, manual, r"train\.txt:3: frames folder .*a03 holds no image files")
+
+
+def test_corrupt_and_truncated_images(tmp_path):
+    manual = dummy_copy(tmp_path)
+    data = (manual / "clips/b02/000002.jpg").read_bytes()
+    (manual / "clips/b02/000002.jpg").write_bytes(data[: len(data) // 2])
+    _expect(tmp_path, manual, r"test\.txt:2: clips/b02: .*000002\.jpg: cannot decode image")
+    (manual / "clips/b02/000002.jpg").write_bytes(b"not a jpeg at all")
+    shutil.rmtree(tmp_path / "d")
+    _expect(tmp_path, manual, r"test\.txt:2: clips/b02: .*000002\.jpg: cannot decode image")
+
+
+@pytest.mark.parametrize(
+    "file, old, new, match",
+    [
+        (
+            "face_boxes.json",
+            "[\n   14,\n   4,\n   26,\n   16\n  ]",
+            "[\n   14,\n   4,\n   60,\n   16\n  ]",
+            r"train\.txt:1: clips/a01: face box of 000001\.jpg .* lies outside the 40x30 image",
+        ),
+        (
+            "face_boxes.json",
+            "[\n   14,\n   4,\n   26,\n   16\n  ]",
+            "[\n   26,\n   4,\n   14,\n   16\n  ]",
+            r"train\.txt:1: .*face_boxes\.json\['clips/a01'\]\['000001\.jpg'\]: box .* needs left < right",
+        ),
+        (
+            "face_boxes.json",
+            "[\n   14,\n   4,\n   26,\n   16\n  ]",
+            "[14, 4, 26]",
+            r"train\.txt:1: .*expected \[left, upper, right, lower\] numbers",
+        ),
+        (
+            "body_boxes.json",
+            '"clips/a01": [\n  6,',
+            '"clips/a01": [\n  -6,',
+            r"train\.txt:1: clips/a01: body box .* lies outside",
+        ),
+        (
+            "body_boxes.json",
+            '"clips/a01": [\n  6,\n  2,\n  34,\n  30\n ]',
+            '"clips/a01": {"x": 1}',
+            r"train\.txt:1: .*body_boxes\.json\['clips/a01'\]: expected \[left",
+        ),
+        (
+            "face_boxes.json",
+            '"clips/a01": {',
+            '"clips/a01": [1], "x": {',
+            r"train\.txt:1: .*face_boxes\.json\['clips/a01'\]: expected \{frame_file",
+        ),
+    ],
+)
+def test_bad_boxes(tmp_path, file, old, new, match):
+    manual = dummy_copy(tmp_path)
+    rewrite(manual / file, old, new)
+    _expect(tmp_path, manual, match)
+
+
+def test_box_json_top_level_shape(tmp_path):
+    manual = dummy_copy(tmp_path)
+    (manual / "body_boxes.json").write_text("[[1, 2, 3, 4]]")
+    _expect(
+        tmp_path, manual, r"body_boxes\.json: expected a JSON object keyed by frames_dir, got list"
+    )
+    (manual / "body_boxes.json").write_text("{not json")
+    _expect(tmp_path, manual, r"body_boxes\.json: not valid JSON")
+
+
+def test_skip_bad_clips_counts_and_reports(tmp_path, capsys):
+    manual = dummy_copy(tmp_path)
+    rewrite(manual / "train.txt", "clips/a02 2 2", "clips/a02 2 9")  # bad label
+    rewrite(manual / "train.txt", "clips/a03 2 4", "clips/a03 5 4")  # frame count
+    (manual / "clips/b02/000003.jpg").write_bytes(b"garbage")  # corrupt, found while cropping
+    with pytest.raises(RaerFormatError):
+        build(manual, tmp_path / "strict")
+    b = build(manual, tmp_path / "d", skip_bad_clips=True)
+    assert b.info.splits["train"].num_examples == 2 and b.info.splits["test"].num_examples == 1
+    stats = b.info.metadata["statistics"]
+    assert stats["train"]["skipped"]["by_reason"] == {"bad_label": 1, "num_frames_mismatch": 1}
+    assert stats["test"]["skipped"]["by_reason"] == {"corrupt_image": 1}
+    assert "train.txt:2" in stats["train"]["skipped"]["first"][0]
+    err = capsys.readouterr().err
+    assert "SKIPPED 2 bad clips" in err and "SKIPPED 1 bad clips" in err and "train.txt:3" in err
+    # reloaded from disk
+    again = tfds.builder("raer/64px", data_dir=str(tmp_path / "d"))
+    assert again.info.metadata["statistics"]["test"]["skipped"]["total"] == 1
+    assert again.info.metadata["build_options"]["skip_bad_clips"] is True
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="validation_fraction must be in"):
+        Builder(config="64px", validation_fraction=1.0)
+    with pytest.raises(ValueError, match="path_prefix_map entries"):
+        Builder(config="64px", path_prefix_map=[("a",)])
