@@ -1,0 +1,61 @@
+"""Frame transforms of the reference (video_transform.py): rotation, resize, flip, [0, 1] pixels.
+
+Train: one random draw per clip and stream (every frame of the stream shares it): rotation by a
+uniform angle in [-rotation_degrees, rotation_degrees] (PIL rotate, nearest neighbour as
+torchvision's RandomRotation default, black fill, size kept), resize to image_size x image_size
+(bilinear, aspect not kept), horizontal flip with probability flip_prob. Eval: resize only.
+Pixels are divided by 255; no mean/std normalisation.
+
+The builder already stores crops at image_size, so the resize is the identity unless a dataset
+of another size is read (PIL returns a copy for a same-size resize).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """The random parameters shared by all frames of one stream of one clip."""
+
+    angle: float = 0.0  # degrees, counter-clockwise (PIL convention)
+    flip: bool = False
+
+
+IDENTITY = Draw()
+
+
+def random_draw(rng: np.random.Generator, rotation_degrees: float, flip_prob: float) -> Draw:
+    """One draw: angle ~ U[-rotation_degrees, rotation_degrees], flip ~ Bernoulli(flip_prob)."""
+    angle = float(rng.uniform(-rotation_degrees, rotation_degrees))
+    flip = bool(rng.random() < flip_prob)
+    return Draw(angle=angle, flip=flip)
+
+
+def decode_jpeg(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def transform_frames(
+    frames: Sequence[Image.Image | np.ndarray], image_size: int, draw: Draw = IDENTITY
+) -> np.ndarray:
+    """Rotates, resizes and flips every frame with the same `draw`: float32 [T, S, S, 3] in [0, 1]."""
+    out = np.empty((len(frames), image_size, image_size, 3), dtype=np.float32)
+    for t, frame in enumerate(frames):
+        image = frame if isinstance(frame, Image.Image) else Image.fromarray(frame)
+        if draw.angle != 0.0:
+            image = image.rotate(draw.angle, resample=Image.Resampling.NEAREST, fillcolor=(0, 0, 0))
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.uint8)
+        if draw.flip:
+            pixels = pixels[:, ::-1]
+        np.divide(pixels, np.float32(255.0), out=out[t])  # as torchvision's ToTensor
+    return out

@@ -1,0 +1,305 @@
+"""Input pipeline: tfds.data_source + grain, TSN sampling, augmentation, per-host batches.
+
+Records come from `tfds.data_source` (ArrayRecord, random access) with the face and context videos
+left as per-frame JPEG bytes, so only the sampled frames are decoded. grain's MapDataset API does
+the rest: a map from the position in the stream to a clip, batching, thread or process prefetch.
+Its iterator is a `grain.DatasetIterator` whose state (`get_state()`, a small JSON-able dict) is
+what a checkpoint saves (orbax: `grain.checkpoint.CheckpointSave(item=iterator)`).
+
+Train order: every epoch a fresh permutation of all records (a function of seed and epoch), cut
+to whole global batches (the remainder is dropped, per epoch); global batch b is rows
+[b * batch_size, (b + 1) * batch_size) of it and process p takes its p-th block of
+batch_size // process_count rows. The global batch is therefore the same for any number of
+processes. Frame offsets and augmentation draws come from a generator seeded by
+(seed, epoch, record), so they do not depend on workers, threads or restarts.
+
+Eval: records in file order, global batches of eval_batch_size, each process its block of rows,
+the last batch padded with mask=False rows (index -1, zero pixels); every clip appears once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+from caer_jax import sharding
+from caer_jax.data import augment, sampling
+
+STREAMS = ("face", "context")
+PAD_INDEX = -1
+# Distinct seed-sequence prefixes, so that shuffles and per-clip draws never share a stream.
+_SHUFFLE_KEY, _CLIP_KEY = 0, 1
+
+
+class _KeepEncoded(tfds.decode.SkipDecoding):
+    """SkipDecoding that also works for Video features read through data sources.
+
+    tfds' SkipDecoding lacks the NumPy sequence method that `data_source` calls for a Video
+    (a Sequence of Image); this one returns the frames' encoded bytes (an object array, one JPEG
+    per frame) and lets the pipeline decode only the frames it samples.
+    """
+
+    def decode_batch_example_np(self, serialized_example):
+        return serialized_example
+
+
+def data_source(config: ml_collections.ConfigDict, split: str):
+    """The random-access records of `split`; face and context stay per-frame JPEG bytes."""
+    return tfds.data_source(
+        config.data.tfds_name,
+        split=split,
+        data_dir=config.data.data_dir or None,
+        download=False,
+        decoders={stream: _KeepEncoded() for stream in STREAMS},
+    )
+
+
+def num_records(config: ml_collections.ConfigDict, split: str) -> int:
+    return len(data_source(config, split))
+
+
+def video_ids(config: ml_collections.ConfigDict, split: str) -> list[str]:
+    """video_id of every record of `split`, by record index (the batches' "index")."""
+    source = data_source(config, split)
+    return [_text(source[i]["video_id"]) for i in range(len(source))]
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    """Train steps per epoch: whole global batches of the train split (the remainder dropped)."""
+    n = num_records(config, config.data.train_split)
+    steps = n // config.train.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"train split {config.data.train_split!r} of {config.data.tfds_name} has {n} clips, "
+            f"fewer than one batch (config.train.batch_size={config.train.batch_size})"
+        )
+    return steps
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int, field: str) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"config.train.{field}={global_batch_size} is not divisible by the "
+            f"{process_count} processes"
+        )
+    return global_batch_size // process_count
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipLoader:
+    """Record -> model inputs: sample frames, decode them, transform them."""
+
+    num_segments: int
+    duration: int
+    image_size: int
+    rotation_degrees: float
+    flip_prob: float
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> _ClipLoader:
+        d = config.data
+        return cls(d.num_segments, d.duration, d.image_size, d.rotation_degrees, d.flip_prob)
+
+    @property
+    def num_frames_out(self) -> int:
+        return self.num_segments * self.duration
+
+    def load(self, record: dict, index: int, rng: np.random.Generator | None) -> dict:
+        """`rng` None: eval sampling, no augmentation; else train sampling and one draw/stream."""
+        num_frames = len(record["face"])
+        if len(record["context"]) != num_frames or num_frames == 0:
+            raise ValueError(
+                f"record {index} ({_text(record['video_id'])}): {num_frames} face frames and "
+                f"{len(record['context'])} context frames; expected the same non-zero number"
+            )
+        if rng is None:
+            offsets = sampling.eval_indices(num_frames, self.num_segments, self.duration)
+        else:
+            offsets = sampling.train_indices(num_frames, self.num_segments, self.duration, rng)
+        frames = sampling.frame_indices(offsets, self.duration, num_frames)
+        out = {}
+        for stream in STREAMS:
+            # Same order of draws every time: offsets, then face, then context.
+            draw = (
+                augment.IDENTITY
+                if rng is None
+                else augment.random_draw(rng, self.rotation_degrees, self.flip_prob)
+            )
+            encoded = record[stream]
+            images = [augment.decode_jpeg(encoded[t]) for t in frames]
+            out[stream] = augment.transform_frames(images, self.image_size, draw)
+        out["label"] = np.int32(record["label"])
+        out["mask"] = np.bool_(True)
+        out["index"] = np.int32(index)
+        return out
+
+    def padding(self) -> dict:
+        shape = (self.num_frames_out, self.image_size, self.image_size, 3)
+        out = {stream: np.zeros(shape, np.float32) for stream in STREAMS}
+        out.update(label=np.int32(0), mask=np.bool_(False), index=np.int32(PAD_INDEX))
+        return out
+
+
+class _TrainElement:
+    """Position in this process's train stream -> an augmented clip.
+
+    Position i is row r of global batch `step` of epoch `start_epoch + e`, with
+    (e, step, r) from i; the record is that epoch's permutation at step * global + block + r.
+    """
+
+    def __init__(
+        self, source, loader, *, seed, global_batch, process_index, process_count, start_epoch
+    ):
+        self.source = source
+        self.loader = loader
+        self.seed = int(seed)
+        self.num_records = len(source)
+        self.global_batch = global_batch
+        self.local_batch = _local_batch_size(global_batch, process_count, "batch_size")
+        self.block = process_index * self.local_batch
+        self.steps = self.num_records // global_batch
+        self.start_epoch = start_epoch
+        self._permutation = (-1, None)  # (epoch, permutation) of the last epoch seen
+
+    @property
+    def elements_per_epoch(self) -> int:
+        return self.steps * self.local_batch
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        cached_epoch, perm = self._permutation
+        if cached_epoch != epoch:
+            rng = np.random.default_rng([_SHUFFLE_KEY, self.seed, epoch])
+            perm = rng.permutation(self.num_records)
+            self._permutation = (epoch, perm)  # one assignment: safe across reader threads
+        return perm
+
+    def record_at(self, position: int) -> tuple[int, int]:
+        """(epoch, record index) of `position` in this process's stream."""
+        epoch, within = divmod(position, self.elements_per_epoch)
+        epoch += self.start_epoch
+        step, row = divmod(within, self.local_batch)
+        return epoch, int(self.permutation(epoch)[step * self.global_batch + self.block + row])
+
+    def __call__(self, position: int) -> dict:
+        epoch, index = self.record_at(position)
+        rng = np.random.default_rng([_CLIP_KEY, self.seed, epoch, index])
+        return self.loader.load(self.source[index], index, rng)
+
+
+class _EvalElement:
+    """Position in this process's eval stream -> a clip at its centred frames, or padding."""
+
+    def __init__(self, source, loader, *, global_batch, process_index, process_count):
+        self.source = source
+        self.loader = loader
+        self.num_records = len(source)
+        self.global_batch = global_batch
+        self.local_batch = _local_batch_size(global_batch, process_count, "eval_batch_size")
+        self.block = process_index * self.local_batch
+        self.steps = math.ceil(self.num_records / global_batch)
+
+    def record_at(self, position: int) -> int:
+        step, row = divmod(position, self.local_batch)
+        index = step * self.global_batch + self.block + row
+        return index if index < self.num_records else PAD_INDEX
+
+    def __call__(self, position: int) -> dict:
+        index = self.record_at(position)
+        if index == PAD_INDEX:
+            return self.loader.padding()
+        return self.loader.load(self.source[index], index, None)
+
+
+def _iterate(
+    element_fn, length: int, batch_size: int, config: ml_collections.ConfigDict
+) -> grain.DatasetIterator:
+    # Batches read ahead (and reader threads) per process; grain wants threads <= buffer.
+    prefetch = max(1, config.data.prefetch_buffer_size)
+    dataset = (
+        grain.MapDataset.range(length)
+        .map(element_fn)
+        .batch(batch_size, drop_remainder=True)
+        .to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
+    )
+    if config.data.worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker start-up reads an absl flag directly; outside an absl app (tests,
+            # notebooks) the flags are unparsed and that read fails. Defaults are what we want.
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.data.worker_count,
+                per_worker_buffer_size=prefetch,
+            )
+        )
+    return iter(dataset)
+
+
+def train_iterator(
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    start_epoch: int = 0,
+) -> grain.DatasetIterator:
+    """Endless iterator of this process's train batches, from the first batch of `start_epoch`.
+
+    Each epoch is a fresh shuffle with steps_per_epoch(config) batches of
+    config.train.batch_size // process_count clips. Checkpoint with `get_state()` and resume with
+    `set_state(state)` on an iterator made with the same arguments (or start a new one at an
+    epoch boundary with `start_epoch`).
+    """
+    source = data_source(config, config.data.train_split)
+    element = _TrainElement(
+        source,
+        _ClipLoader.from_config(config),
+        seed=seed,
+        global_batch=config.train.batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        start_epoch=start_epoch,
+    )
+    if element.steps == 0:
+        steps_per_epoch(config)  # raises the error that names the split and batch size
+    # Endless: the length is a whole number of epochs close to sys.maxsize.
+    length = (sys.maxsize // 2 // element.elements_per_epoch) * element.elements_per_epoch
+    return _iterate(element, length, element.local_batch, config)
+
+
+def eval_batches(
+    config: ml_collections.ConfigDict, split: str, *, process_index: int, process_count: int
+) -> Iterator[dict]:
+    """This process's eval batches of `split`: every clip once over all processes, padded."""
+    source = data_source(config, split)
+    element = _EvalElement(
+        source,
+        _ClipLoader.from_config(config),
+        global_batch=config.train.eval_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return _iterate(element, element.steps * element.local_batch, element.local_batch, config)
+
+
+def global_batch(host_batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Host batches of all processes -> global jax.Arrays split over ("data", "fsdp") on dim 0."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
+        for key, value in host_batch.items()
+    }
