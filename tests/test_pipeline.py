@@ -7,6 +7,8 @@ Needs the 8 fake CPU devices that tests/conftest.py sets up (for global_batch).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -355,3 +357,35 @@ def test_global_batch_on_eight_devices(data_dir, data, fsdp):
         assert len(value.addressable_shards) == 8
         assert value.addressable_shards[0].data.shape[0] == 1
         np.testing.assert_array_equal(np.asarray(value), host[key])
+
+
+# ---------------------------------------------------------------------------- the RAER builder
+
+
+def test_on_the_raer_builder(tmp_path):
+    """The pipeline on raer/64px built from the builder's dummy_data (4 train, 2 test clips)."""
+    from tfds_raer.raer.raer_dataset_builder import Builder
+
+    manual = Path(Builder.code_path).parent / "dummy_data"
+    data_dir = tmp_path / "tfds"
+    tfds.builder("raer/64px", data_dir=str(data_dir)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    )
+    config = _config(data_dir, tfds_name="raer/64px", image_size=64)
+    config.train.batch_size = config.train.eval_batch_size = 2
+    expected = {}
+    for line in (manual / "test.txt").read_text().splitlines():
+        frames_dir, _, label = line.split()
+        expected[frames_dir] = int(label) - 1
+    ids = pipeline.video_ids(config, "test")
+    assert sorted(ids) == sorted(expected)
+    labels = {}
+    for batch in pipeline.eval_batches(config, "test", process_index=0, process_count=1):
+        assert batch["face"].shape == (2, 4, 64, 64, 3) and batch["mask"].all()
+        for index, label in zip(batch["index"], batch["label"], strict=True):
+            labels[ids[index]] = int(label)
+    assert labels == expected
+    assert pipeline.steps_per_epoch(config) == 2
+    batch = next(pipeline.train_iterator(config, seed=0, process_index=0, process_count=1))
+    assert batch["context"].shape == (2, 4, 64, 64, 3) and batch["context"].dtype == np.float32
+    assert 0 <= batch["context"].min() and batch["context"].max() <= 1

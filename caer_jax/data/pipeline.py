@@ -34,23 +34,12 @@ from absl import flags
 
 from caer_jax import sharding
 from caer_jax.data import augment, sampling
+from tfds_raer.raer import SkipFrameDecoding  # also registers the "raer" builder
 
 STREAMS = ("face", "context")
 PAD_INDEX = -1
 # Distinct seed-sequence prefixes, so that shuffles and per-clip draws never share a stream.
 _SHUFFLE_KEY, _CLIP_KEY = 0, 1
-
-
-class _KeepEncoded(tfds.decode.SkipDecoding):
-    """SkipDecoding that also works for Video features read through data sources.
-
-    tfds' SkipDecoding lacks the NumPy sequence method that `data_source` calls for a Video
-    (a Sequence of Image); this one returns the frames' encoded bytes (an object array, one JPEG
-    per frame) and lets the pipeline decode only the frames it samples.
-    """
-
-    def decode_batch_example_np(self, serialized_example):
-        return serialized_example
 
 
 def data_source(config: ml_collections.ConfigDict, split: str):
@@ -60,7 +49,7 @@ def data_source(config: ml_collections.ConfigDict, split: str):
         split=split,
         data_dir=config.data.data_dir or None,
         download=False,
-        decoders={stream: _KeepEncoded() for stream in STREAMS},
+        decoders={stream: SkipFrameDecoding() for stream in STREAMS},
     )
 
 
