@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -280,26 +281,76 @@ def from_flax_hf_params(
 # Files
 
 
-def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A torch checkpoint as a dict, never unpickling arbitrary objects.
+class _Inert:
+    """Stands in for a class a checkpoint names but that is not needed (e.g. the authors'
+    RecorderMeter): built without running any of the real class's code, its state discarded."""
 
-    Plain `torch.save` files go through `torch.load(weights_only=True)` (only tensors and plain
-    containers; anything else is refused). OpenAI's released CLIP .pt files are TorchScript
-    archives, which weights_only refuses; those are read with `torch.jit.load`, whose
-    deserialiser builds TorchScript modules and does not run pickled Python callables.
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# numpy array reconstruction inside objects we discard (e.g. metric histories): inert as well.
+_INERT_NUMPY = {
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+}
+
+
+def _inert_globals(path: Path) -> list[tuple[type, str]]:
+    """Stubs for the non-tensor classes of `path`; refuses if it names any function."""
+    import torch
+
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    refused = [
+        g
+        for g in unsafe
+        if g not in _INERT_NUMPY
+        and not g.startswith("numpy.dtypes.")
+        and not g.rsplit(".", 1)[-1][:1].isupper()
+    ]
+    if refused:
+        raise WeightsError(
+            f"{path}: refused to load: it names the callable(s) {refused}, which a weights file "
+            "does not need (torch.load weights_only=True; only tensors, plain containers and "
+            "inert stand-ins for other classes are read)"
+        )
+    return [(_Inert, g) for g in unsafe]
+
+
+def load_torch_file(path: str | os.PathLike, *, inert_classes: bool = False) -> Any:
+    """A torch checkpoint, never unpickling arbitrary objects.
+
+    Plain `torch.save` files go through `torch.load(weights_only=True)`: only tensors and plain
+    containers; anything else is refused. With `inert_classes`, objects of other classes (the
+    authors' checkpoints hold a `RecorderMeter`) are replaced by inert stand-ins that run no code;
+    a file naming any other callable (a function: the usual pickle payload) is still refused.
+    OpenAI's released CLIP .pt files are TorchScript archives, which weights_only refuses; those
+    are read with `torch.jit.load`, whose deserialiser builds TorchScript modules and does not
+    call pickled Python callables.
     """
+    import pickle
+
     import torch
 
     path = Path(path)
+    stubs = _inert_globals(path) if inert_classes and zipfile.is_zipfile(path) else []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(stubs):
             warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
             return torch.load(path, map_location="cpu", weights_only=True)
     except RuntimeError as e:
         if "TorchScript" not in str(e):
             raise
         return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except __import__("pickle").UnpicklingError as e:
+    except pickle.UnpicklingError as e:
         raise WeightsError(
             f"{path}: refused to load: it holds objects other than tensors and plain containers "
             f"(torch.load weights_only=True): {str(e).splitlines()[0]}"

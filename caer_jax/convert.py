@@ -1,0 +1,235 @@
+"""Convert the authors' CLIP-CAER checkpoint (model_best.pth) into this model.
+
+  python -m caer_jax.convert --official model_best.pth --config=configs/clip_caer_b32.py \
+      --workdir=runs/official
+
+Everything the model needs is read off the checkpoint itself (REFERENCE.md, "The official
+checkpoint format"): CLIP geometry from the tensor shapes, n_cls and n_ctx from
+`prompt_learner.ctx`, the prompt token ids (hence the EOT positions) by finding every
+`token_prefix`/`token_suffix` row in the token embedding table, and the clip length from the
+temporal positional embedding. No tokenizer is needed. Values that shapes cannot tell (attention
+heads of the temporal nets, the class-token position) come from the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from caer_jax.models import caer, clip_weights
+from caer_jax.models.clip_weights import WeightsError, _np
+
+# Top-level key groups of the official state dict; anything else is an error.
+_GROUPS = (
+    "prompt_learner.",
+    "image_encoder.",
+    "text_encoder.",
+    "temporal_net.",
+    "temporal_net_body.",
+    "project_fc.",
+    "clip_model_.",
+)
+
+
+def load_official_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """The `state_dict` of a model_best.pth (torch.load weights_only=True), `module.` stripped."""
+    ckpt = clip_weights.load_torch_file(path, inert_classes=True)
+    sd = ckpt["state_dict"] if isinstance(ckpt, Mapping) and "state_dict" in ckpt else ckpt
+    if not isinstance(sd, Mapping):
+        raise WeightsError(f"{path}: expected a dict with a 'state_dict', got {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _clip_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI-named CLIP tensors: the trained image encoder and the (frozen) text encoder."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("image_encoder."):
+            out["visual." + k[len("image_encoder.") :]] = v
+        elif k.startswith("text_encoder."):
+            out[k[len("text_encoder.") :]] = v
+    if not any(k.startswith("visual.") for k in out):  # fall back to the CLIP copy
+        out.update({k[12:]: v for k, v in sd.items() if k.startswith("clip_model_.visual.")})
+    key = "clip_model_.token_embedding.weight"
+    if key not in sd:
+        raise WeightsError(f"missing key {key!r} (needed to recover the prompt token ids)")
+    out["token_embedding.weight"] = sd[key]
+    return out
+
+
+def _row_ids(rows: np.ndarray, table: np.ndarray, what: str) -> np.ndarray:
+    """Index in `table` [V, W] of every row of `rows` [..., W], by exact equality."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    ids = np.empty(len(flat), np.int64)
+    col0 = table[:, 0]
+    for i, row in enumerate(flat):
+        candidates = np.flatnonzero(col0 == row[0])
+        match = [c for c in candidates if np.array_equal(table[c], row)]
+        if not match:
+            pos = np.unravel_index(i, rows.shape[:-1])
+            raise WeightsError(
+                f"{what} row {tuple(int(p) for p in pos)} equals no row of "
+                "clip_model_.token_embedding.weight; cannot recover the prompt token ids"
+            )
+        # Duplicate rows are ambiguous only for the end token, which must win (EOT = argmax).
+        ids[i] = len(table) - 1 if len(table) - 1 in match else match[0]
+    return ids.reshape(rows.shape[:-1])
+
+
+def prompt_token_ids(sd: Mapping[str, Any]) -> np.ndarray:
+    """Token ids [n_cls, context_length] of the prompts, from the prompt learner's buffers.
+
+    The context slots (which the learned ctx replaces) get id 0; the EOT index is the argmax,
+    as the end token is the last row of the table.
+    """
+    table = _np(sd["clip_model_.token_embedding.weight"])
+    prefix = _np(sd["prompt_learner.token_prefix"])
+    suffix = _np(sd["prompt_learner.token_suffix"])
+    ctx = _np(sd["prompt_learner.ctx"])
+    n_cls, n_ctx = prefix.shape[0], ctx.shape[-2]
+    ids = np.zeros((n_cls, 1 + n_ctx + suffix.shape[1]), np.int64)
+    ids[:, :1] = _row_ids(prefix, table, "prompt_learner.token_prefix")
+    ids[:, 1 + n_ctx :] = _row_ids(suffix, table, "prompt_learner.token_suffix")
+    end = len(table) - 1
+    for i in range(n_cls):
+        if not (ids[i] == end).any():
+            raise WeightsError(f"prompt of class {i} has no end token (row {end} of the table)")
+    return ids
+
+
+def _temporal(sd: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
+    """Params of one temporal net and the sizes its shapes imply."""
+    src = clip_weights._Source(
+        {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, prefix.rstrip(".")
+    )
+    p: dict = {"cls_token": src.get("cls_token"), "pos_embedding": src.get("pos_embedding")}
+    depth = clip_weights._layer_count(src.tensors, r"temporal_transformer\.layers\.(\d+)\.")
+    for i in range(depth):
+        a = f"temporal_transformer.layers.{i}.0.fn"
+        m = f"temporal_transformer.layers.{i}.1.fn"
+        p[f"layers_{i}"] = {
+            "attn_norm": {"scale": src.get(f"{a}.norm.weight"), "bias": src.get(f"{a}.norm.bias")},
+            "to_qkv": {"kernel": src.get(f"{a}.fn.to_qkv.weight").T},
+            "to_out": {
+                "kernel": src.get(f"{a}.fn.to_out.0.weight").T,
+                "bias": src.get(f"{a}.fn.to_out.0.bias"),
+            },
+            "mlp_norm": {"scale": src.get(f"{m}.norm.weight"), "bias": src.get(f"{m}.norm.bias")},
+            "fc1": {
+                "kernel": src.get(f"{m}.fn.net.0.weight").T,
+                "bias": src.get(f"{m}.fn.net.0.bias"),
+            },
+            "fc2": {
+                "kernel": src.get(f"{m}.fn.net.3.weight").T,
+                "bias": src.get(f"{m}.fn.net.3.bias"),
+            },
+        }
+    src.check_all_used()
+    sizes = {
+        "depth": depth,
+        "inner": p["layers_0"]["to_qkv"]["kernel"].shape[1] // 3 if depth else 0,
+        "mlp_dim": p["layers_0"]["fc1"]["kernel"].shape[1] if depth else 0,
+        "num_frames": p["pos_embedding"].shape[1] - 1,
+    }
+    return p, sizes
+
+
+def convert_state_dict(
+    sd: Mapping[str, Any], model_cfg: ml_collections.ConfigDict | None = None
+) -> tuple[caer.CLIPCAER, dict, dict[str, Any]]:
+    """(model, params, overrides) from an official state dict; see `convert_official`."""
+    if model_cfg is None:
+        from configs import clip_caer_b32
+
+        model_cfg = clip_caer_b32.get_config().model
+    cfg = copy.deepcopy(model_cfg)
+    unknown = sorted(k for k in sd if not k.startswith(_GROUPS))
+    if unknown:
+        raise WeightsError(
+            f"unexpected key {unknown[0]!r} with shape {tuple(_np(sd[unknown[0]]).shape)} "
+            f"(expected only keys under {', '.join(_GROUPS)})"
+        )
+    clip_params, geometry = clip_weights.from_openai_state_dict(
+        _clip_state_dict(sd), what="official checkpoint (image_encoder./text_encoder.)"
+    )
+    ctx = _np(sd["prompt_learner.ctx"]).astype(np.float32, copy=False)
+    ids = prompt_token_ids(sd)
+    overrides: dict[str, Any] = {f"model.clip.{k}": v for k, v in geometry.__dict__.items()}
+    overrides["model.prompt.n_ctx"] = int(ctx.shape[-2])
+    overrides["model.prompt.class_specific"] = ctx.ndim == 3
+    has_face, has_ctx = (
+        any(k.startswith(p) for k in sd) for p in ("temporal_net.", "temporal_net_body.")
+    )
+    streams = "both" if has_face and has_ctx else "face" if has_face else "context"
+    overrides["model.streams"] = streams
+    params: dict = {
+        "image_encoder": clip_params["visual"],
+        "text_encoder": clip_params["text"],
+        "prompt_learner": {"ctx": ctx},
+    }
+    sizes = {}
+    for prefix, name in (
+        ("temporal_net.", "temporal_face"),
+        ("temporal_net_body.", "temporal_context"),
+    ):
+        if any(k.startswith(prefix) for k in sd):
+            params[name], sizes = _temporal(sd, prefix)
+    if streams == "both":
+        params["project_fc"] = {
+            "kernel": _np(sd["project_fc.weight"]).astype(np.float32).T,
+            "bias": _np(sd["project_fc.bias"]).astype(np.float32),
+        }
+    elif any(k.startswith("project_fc.") for k in sd):
+        raise WeightsError("project_fc.* present but only one temporal net")
+    overrides["model.temporal.depth"] = sizes["depth"]
+    overrides["model.temporal.mlp_dim"] = sizes["mlp_dim"]
+    overrides["data.num_segments"] = sizes["num_frames"]
+    if cfg.temporal.heads * cfg.temporal.head_dim != sizes["inner"]:
+        raise WeightsError(
+            f"temporal attention width {sizes['inner']} (to_qkv) != config.model.temporal.heads "
+            f"{cfg.temporal.heads} x head_dim {cfg.temporal.head_dim}"
+        )
+    overrides["model.clip.source"] = "random"  # the weights are in the converted params
+    apply_overrides(cfg, {k[6:]: v for k, v in overrides.items() if k.startswith("model.")})
+    model, _ = caer.build_model(cfg, prompt_token_ids=ids, num_frames=sizes["num_frames"])
+    x = caer.dummy_clip(model, sizes["num_frames"])
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, train=False)["params"])
+    checked = {}
+    for name in abstract:
+        if name not in params:
+            raise WeightsError(f"missing parameters {name} in the checkpoint")
+        checked[name] = clip_weights.merge_checked(abstract[name], params[name], name)
+    for name in params:
+        if name not in abstract:
+            raise WeightsError(f"unexpected parameters {name} for streams={streams!r}")
+    return model, checked, overrides
+
+
+def convert_official(
+    path: str | os.PathLike, model_cfg: ml_collections.ConfigDict | None = None
+) -> tuple[caer.CLIPCAER, dict, dict[str, Any]]:
+    """Read an official model_best.pth: returns (model, params, overrides).
+
+    `params` is the parameter tree of `model` (numpy float32); `overrides` maps config keys
+    ("model.clip.vision_width", "model.prompt.n_ctx", "data.num_segments", ...) to the values read
+    off the checkpoint, to apply to a config before training or evaluating with these params.
+    `model_cfg` (default: the paper's) supplies what shapes cannot tell (temporal heads, class
+    token position, dropout, logit scale, dtype).
+    """
+    return convert_state_dict(load_official_state_dict(path), model_cfg)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+    """Set every dotted key of `overrides` in `config` (in place)."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value

@@ -1,0 +1,281 @@
+"""The authors' checkpoint format: conversion parity with an independent PyTorch forward.
+
+The state dict is built with the key names and shapes of REFERENCE.md (tiny widths), and the
+reference logits come from a PyTorch forward written here from REFERENCE.md's facts alone.
+"""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caer_jax import convert
+from caer_jax.models.clip_weights import WeightsError
+from configs import synthetic_tiny
+
+VW, TW, E = 128, 64, 64  # vision width (2 heads of 64), text width (1 head), embed dim
+PATCH, IMG, CTX_LEN, VOCAB = 16, 32, 77, 300
+N_CLS, N_CTX, T = 5, 8, 4
+HEADS, HEAD_DIM, MLP = 4, 16, 128  # temporal nets (synthetic_tiny's)
+
+
+def _block(sd, p, w, g):
+    sd[f"{p}.attn.in_proj_weight"] = g(3 * w, w)
+    sd[f"{p}.attn.in_proj_bias"] = g(3 * w)
+    sd[f"{p}.attn.out_proj.weight"] = g(w, w)
+    sd[f"{p}.attn.out_proj.bias"] = g(w)
+    for ln in ("ln_1", "ln_2"):
+        sd[f"{p}.{ln}.weight"] = 1 + g(w)
+        sd[f"{p}.{ln}.bias"] = g(w)
+    sd[f"{p}.mlp.c_fc.weight"] = g(4 * w, w)
+    sd[f"{p}.mlp.c_fc.bias"] = g(4 * w)
+    sd[f"{p}.mlp.c_proj.weight"] = g(w, 4 * w)
+    sd[f"{p}.mlp.c_proj.bias"] = g(w)
+
+
+def _temporal(sd, p, g):
+    sd[f"{p}.cls_token"] = torch.randn(1, 1, E)
+    sd[f"{p}.pos_embedding"] = torch.randn(1, T + 1, E)
+    q = f"{p}.temporal_transformer.layers.0"
+    sd[f"{q}.0.fn.norm.weight"], sd[f"{q}.0.fn.norm.bias"] = 1 + g(E), g(E)
+    sd[f"{q}.0.fn.fn.to_qkv.weight"] = g(3 * HEADS * HEAD_DIM, E)
+    sd[f"{q}.0.fn.fn.to_out.0.weight"], sd[f"{q}.0.fn.fn.to_out.0.bias"] = (
+        g(E, HEADS * HEAD_DIM),
+        g(E),
+    )
+    sd[f"{q}.1.fn.norm.weight"], sd[f"{q}.1.fn.norm.bias"] = 1 + g(E), g(E)
+    sd[f"{q}.1.fn.fn.net.0.weight"], sd[f"{q}.1.fn.fn.net.0.bias"] = g(MLP, E), g(MLP)
+    sd[f"{q}.1.fn.fn.net.3.weight"], sd[f"{q}.1.fn.fn.net.3.bias"] = g(E, MLP), g(E)
+
+
+def official_state_dict(seed=0):
+    """A CLIP-CAER state dict with REFERENCE.md's names and shapes, plus the prompt token ids."""
+    torch.manual_seed(seed)
+    g = lambda *s: torch.randn(*s) * 0.05  # noqa: E731
+    sd = {}
+    # CLIP (OpenAI names), then shared under image_encoder./text_encoder.
+    clip = {
+        "visual.conv1.weight": g(VW, 3, PATCH, PATCH),
+        "visual.class_embedding": g(VW),
+        "visual.positional_embedding": g((IMG // PATCH) ** 2 + 1, VW),
+        "visual.proj": g(VW, E),
+        "token_embedding.weight": g(VOCAB, TW),
+        "positional_embedding": g(CTX_LEN, TW),
+        "text_projection": g(TW, E),
+        "logit_scale": torch.tensor(math.log(100.0)),
+    }
+    for ln, w in (("visual.ln_pre", VW), ("visual.ln_post", VW), ("ln_final", TW)):
+        clip[f"{ln}.weight"], clip[f"{ln}.bias"] = 1 + g(w), g(w)
+    for i in range(2):
+        _block(clip, f"visual.transformer.resblocks.{i}", VW, g)
+        _block(clip, f"transformer.resblocks.{i}", TW, g)
+    sd.update({f"clip_model_.{k}": v for k, v in clip.items()})
+    sd.update({f"image_encoder.{k[7:]}": v for k, v in clip.items() if k.startswith("visual.")})
+    for k, v in clip.items():
+        if k.startswith(("transformer.", "positional_embedding", "ln_final", "text_projection")):
+            sd[f"text_encoder.{k}"] = v
+    # Prompts: <start> X*8 class tokens <end> 0...; end = last row of the table.
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((N_CLS, CTX_LEN), np.int64)
+    for c, n in enumerate((5, 3, 9, 7, 12)):
+        ids[c, 0] = VOCAB - 2
+        ids[c, 1 : 1 + N_CTX] = 7
+        ids[c, 1 + N_CTX : 1 + N_CTX + n] = rng.integers(1, VOCAB - 2, n)
+        ids[c, 1 + N_CTX + n] = VOCAB - 1
+    emb = clip["token_embedding.weight"][torch.from_numpy(ids)]
+    sd["prompt_learner.ctx"] = torch.randn(N_CLS, N_CTX, TW) * 0.02
+    sd["prompt_learner.token_prefix"] = emb[:, :1].clone()
+    sd["prompt_learner.token_suffix"] = emb[:, 1 + N_CTX :].clone()
+    _temporal(sd, "temporal_net", g)
+    _temporal(sd, "temporal_net_body", g)
+    sd["project_fc.weight"], sd["project_fc.bias"] = g(E, 2 * E), g(E)
+    return sd, ids
+
+
+# ---- the reference forward, from REFERENCE.md ----------------------------------------------------
+
+
+def _ln(x, sd, p):
+    return F.layer_norm(x, x.shape[-1:], sd[f"{p}.weight"], sd[f"{p}.bias"], eps=1e-5)
+
+
+def _resblock(x, sd, p, heads, mask=None):
+    mha = torch.nn.MultiheadAttention(x.shape[-1], heads, batch_first=True)
+    mha.load_state_dict(
+        {
+            k: sd[f"{p}.attn.{k}"]
+            for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+        }
+    )
+    h = _ln(x, sd, f"{p}.ln_1")
+    x = x + mha(h, h, h, need_weights=False, attn_mask=mask)[0]
+    h = F.linear(_ln(x, sd, f"{p}.ln_2"), sd[f"{p}.mlp.c_fc.weight"], sd[f"{p}.mlp.c_fc.bias"])
+    h = h * torch.sigmoid(1.702 * h)
+    return x + F.linear(h, sd[f"{p}.mlp.c_proj.weight"], sd[f"{p}.mlp.c_proj.bias"])
+
+
+def _encode_image(sd, x):  # [N, 3, H, W]
+    p = "image_encoder"
+    x = F.conv2d(x, sd[f"{p}.conv1.weight"], stride=PATCH).flatten(2).transpose(1, 2)
+    cls = sd[f"{p}.class_embedding"].expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], 1) + sd[f"{p}.positional_embedding"]
+    x = _ln(x, sd, f"{p}.ln_pre")
+    for i in range(2):
+        x = _resblock(x, sd, f"{p}.transformer.resblocks.{i}", VW // 64)
+    return _ln(x[:, 0], sd, f"{p}.ln_post") @ sd[f"{p}.proj"]
+
+
+def _encode_text(sd, prompts, ids):
+    p = "text_encoder"
+    x = prompts + sd[f"{p}.positional_embedding"]
+    mask = torch.full((CTX_LEN, CTX_LEN), float("-inf")).triu(1)
+    for i in range(2):
+        x = _resblock(x, sd, f"{p}.transformer.resblocks.{i}", TW // 64, mask)
+    x = _ln(x, sd, f"{p}.ln_final")
+    return x[torch.arange(x.shape[0]), ids.argmax(-1)] @ sd[f"{p}.text_projection"]
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _temporal_forward(sd, p, x):  # [B, T, E]
+    x = (
+        torch.cat([sd[f"{p}.cls_token"].expand(x.shape[0], -1, -1), x], 1)
+        + sd[f"{p}.pos_embedding"]
+    )
+    q = f"{p}.temporal_transformer.layers.0"
+    h = _ln(x, sd, f"{q}.0.fn.norm")
+    qkv = F.linear(h, sd[f"{q}.0.fn.fn.to_qkv.weight"]).chunk(3, -1)
+    b, n, _ = h.shape
+    qh, kh, vh = (t.reshape(b, n, HEADS, HEAD_DIM).transpose(1, 2) for t in qkv)
+    att = (qh @ kh.transpose(-1, -2) * HEAD_DIM**-0.5).softmax(-1)
+    out = (att @ vh).transpose(1, 2).reshape(b, n, HEADS * HEAD_DIM)
+    x = x + F.linear(out, sd[f"{q}.0.fn.fn.to_out.0.weight"], sd[f"{q}.0.fn.fn.to_out.0.bias"])
+    h = _ln(x, sd, f"{q}.1.fn.norm")
+    h = _gelu_tanh(F.linear(h, sd[f"{q}.1.fn.fn.net.0.weight"], sd[f"{q}.1.fn.fn.net.0.bias"]))
+    x = x + F.linear(h, sd[f"{q}.1.fn.fn.net.3.weight"], sd[f"{q}.1.fn.fn.net.3.bias"])
+    return x[:, 0]
+
+
+def reference_logits(sd, ids, face, context):
+    """face/context [B, T, H, W, 3] numpy in [0, 1] -> logits [B, n_cls]."""
+    with torch.no_grad():
+        b = face.shape[0]
+        feats = []
+        for clip, net in ((face, "temporal_net"), (context, "temporal_net_body")):
+            x = torch.from_numpy(clip).reshape(b * T, IMG, IMG, 3).permute(0, 3, 1, 2)
+            feats.append(_temporal_forward(sd, net, _encode_image(sd, x).reshape(b, T, E)))
+        v = F.linear(torch.cat(feats, -1), sd["project_fc.weight"], sd["project_fc.bias"])
+        v = v / v.norm(dim=-1, keepdim=True)
+        prompts = torch.cat(
+            [
+                sd["prompt_learner.token_prefix"],
+                sd["prompt_learner.ctx"],
+                sd["prompt_learner.token_suffix"],
+            ],
+            1,
+        )
+        t = _encode_text(sd, prompts, torch.from_numpy(ids))
+        t = t / t.norm(dim=-1, keepdim=True)
+        return (v @ t.T / 0.01).numpy()
+
+
+def _model_cfg():
+    cfg = synthetic_tiny.get_config().model
+    cfg.temporal.heads, cfg.temporal.head_dim = HEADS, HEAD_DIM
+    return cfg
+
+
+def test_conversion_parity_with_reference_forward(tmp_path):
+    sd, ids = official_state_dict()
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 3, "state_dict": sd, "best_acc": 0.5, "optimizer": {"state": {}}}, path)
+    model, params, overrides = convert.convert_official(path, _model_cfg())
+    assert overrides["model.clip.vision_width"] == VW and overrides["model.clip.vision_heads"] == 2
+    assert overrides["model.clip.text_heads"] == 1 and overrides["model.clip.patch_size"] == PATCH
+    assert overrides["model.clip.image_size"] == IMG and overrides["model.clip.vocab_size"] == VOCAB
+    assert overrides["model.prompt.n_ctx"] == N_CTX and overrides["model.prompt.class_specific"]
+    assert overrides["data.num_segments"] == T and overrides["model.streams"] == "both"
+    assert overrides["model.temporal.mlp_dim"] == MLP
+    got_ids = np.asarray(model.prompt_token_ids)
+    np.testing.assert_array_equal(got_ids.argmax(-1), ids.argmax(-1))
+    np.testing.assert_array_equal(got_ids[:, 1 + N_CTX :], ids[:, 1 + N_CTX :])
+    assert set(params) == {
+        "image_encoder",
+        "text_encoder",
+        "prompt_learner",
+        "temporal_face",
+        "temporal_context",
+        "project_fc",
+    }
+    rng = np.random.default_rng(1)
+    face, context = (rng.uniform(0, 1, (2, T, IMG, IMG, 3)).astype(np.float32) for _ in range(2))
+    ref = reference_logits(sd, ids, face, context)
+    logits, _ = jax.jit(lambda p, f, c: model.apply({"params": p}, f, c, train=False))(
+        params, face, context
+    )
+    rel = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()
+    print(f"official-format parity: max|d|/max|ref| = {rel:.2e}")
+    assert rel <= 1e-4
+
+
+class RecorderMeter:
+    """Stands for the authors' utils.RecorderMeter (a metrics history saved in model_best.pth)."""
+
+    marker = ""
+
+    def __init__(self):
+        self.epoch_losses = np.zeros((3, 2), np.float32)
+
+    def __setstate__(self, state):
+        with open(self.marker, "w") as f:
+            f.write("setstate ran")
+
+
+def test_recorder_object_is_inert_and_payload_refused(tmp_path):
+    sd, _ = official_state_dict()
+    marker = tmp_path / "ran"
+
+    RecorderMeter.marker = str(marker)
+
+    path = tmp_path / "model_best.pth"
+    torch.save({"state_dict": sd, "recorder": RecorderMeter()}, path)
+    model, params, _ = convert.convert_official(path, _model_cfg())
+    assert not marker.exists() and "project_fc" in params
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state_dict": sd, "x": Payload()}, path)
+    with pytest.raises(WeightsError, match="refused"):
+        convert.convert_official(path, _model_cfg())
+    assert not marker.exists()
+
+
+def test_errors_name_key_and_shapes():
+    sd, _ = official_state_dict()
+    bad = dict(sd, **{"temporal_net.extra": torch.zeros(2)})
+    with pytest.raises(WeightsError, match=r"temporal_net: unexpected key 'extra'"):
+        convert.convert_state_dict(bad, _model_cfg())
+    bad = dict(sd, **{"foo.bar": torch.zeros(2, 3)})
+    with pytest.raises(WeightsError, match=r"unexpected key 'foo.bar' with shape \(2, 3\)"):
+        convert.convert_state_dict(bad, _model_cfg())
+    bad = {k: v for k, v in sd.items() if k != "image_encoder.ln_post.bias"}
+    with pytest.raises(WeightsError, match="missing key 'visual.ln_post.bias'"):
+        convert.convert_state_dict(bad, _model_cfg())
+    bad = dict(sd, **{"project_fc.bias": torch.zeros(E + 1)})
+    with pytest.raises(WeightsError, match=r"project_fc/bias: checkpoint \(65,\), model \(64,\)"):
+        convert.convert_state_dict(bad, _model_cfg())
+    bad = dict(sd)
+    bad["prompt_learner.token_suffix"] = sd["prompt_learner.token_suffix"] + 1e-3
+    with pytest.raises(WeightsError, match=r"token_suffix row \(0, 0\) equals no row"):
+        convert.convert_state_dict(bad, _model_cfg())
+    cfg = _model_cfg()
+    cfg.temporal.heads = 8
+    with pytest.raises(WeightsError, match="config.model.temporal.heads 8"):
+        convert.convert_state_dict(sd, cfg)
