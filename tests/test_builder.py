@@ -240,8 +240,10 @@ def test_cli_build(tmp_path, capsys):
 
 
 def test_missing_manual_dir(tmp_path):
-    with pytest.raises(Exception, match="manual"):
+    with pytest.raises(RaerFormatError, match="manual_dir missing") as e:
         build(tmp_path / "nowhere", tmp_path / "d")
+    for name in ("train.txt", "test.txt", "face_boxes.json", "body_boxes.json"):
+        assert name in str(e.value)  # the manual download instructions list the files
 
 
 def _expect(tmp_path, manual, match):
@@ -402,3 +404,36 @@ def test_bad_options():
         Builder(config="64px", validation_fraction=1.0)
     with pytest.raises(ValueError, match="path_prefix_map entries"):
         Builder(config="64px", path_prefix_map=[("a",)])
+
+
+def test_worker_processes_write_the_same_records(tmp_path):
+    one = build(DUMMY, tmp_path / "one", num_workers=1)
+    two = build(DUMMY, tmp_path / "two", num_workers=2)
+    assert one.info.metadata["build_options"]["num_workers"] == 1
+    skip = {
+        "face": tfds_raer.raer.SkipFrameDecoding(),
+        "context": tfds_raer.raer.SkipFrameDecoding(),
+    }
+    for split in ("train", "test"):
+        a = tfds.data_source(
+            "raer/64px", split=split, data_dir=str(tmp_path / "one"), decoders=skip
+        )
+        b = tfds.data_source(
+            "raer/64px", split=split, data_dir=str(tmp_path / "two"), decoders=skip
+        )
+        assert len(a) == len(b)
+        for i in range(len(a)):
+            assert a[i]["video_id"] == b[i]["video_id"]
+            assert list(a[i]["face"]) == list(b[i]["face"])
+            assert list(a[i]["context"]) == list(b[i]["context"])
+    del two
+
+
+def test_build_rate_reports(capsys):
+    from tfds_raer.raer import benchmark
+
+    r = benchmark.build_rate(DUMMY, config="64px", num_workers=1)
+    assert (
+        r["clips"] == 6 and r["frames"] == 15 and r["clips_per_s"] > 0 and r["write_MB_per_s"] > 0
+    )
+    assert '"clips_per_s"' in capsys.readouterr().out

@@ -19,7 +19,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import Iterator
@@ -70,7 +72,8 @@ class RaerConfig(tfds.core.BuilderConfig):
     validation_fraction: > 0 carves a stratified "validation" split from train (seeded).
     max_frames: > 0 stores at most that many frames per clip, subsampled uniformly.
     path_prefix_map: ((old, new), ...) rewrites absolute frames_dir prefixes (first match).
-    num_workers: threads decoding and cropping clips (0 = one per core, at most 8).
+    num_workers: processes decoding and cropping clips (1 = in-process; 0 = automatic: all cores
+      but one, at most 8, for splits of 64 clips or more; in-process on 2 cores).
     """
 
     image_size: int = 224
@@ -191,21 +194,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         problems = self._problems[split]
         meta = []
         start = time.perf_counter()
-        for clip, result in _ordered_map(
-            lambda c: raer_lib.encode_clip(
-                c,
-                image_size=opts.image_size,
-                jpeg_quality=opts.jpeg_quality,
-                max_frames=opts.max_frames,
-            ),
-            clips,
-            opts.num_workers,
-        ):
-            if isinstance(result, raer_lib.BadClip):
-                message = f"{clip.source}: {clip.video_id}: {result.message}"
+        encode = functools.partial(
+            raer_lib.encode_clip_or_problem,
+            image_size=opts.image_size,
+            jpeg_quality=opts.jpeg_quality,
+            max_frames=opts.max_frames,
+        )
+        workers = _num_processes(opts.num_workers, len(clips))
+        for clip, result in _ordered_map(encode, clips, workers):
+            if isinstance(result, tuple):  # (reason, message) of a bad clip
+                reason, problem = result
+                message = f"{clip.source}: {clip.video_id}: {problem}"
                 if not opts.skip_bad_clips:
                     raise raer_lib.RaerFormatError(message)
-                problems.add(result.reason, message)
+                problems.add(reason, message)
                 continue
             meta.append(
                 {
@@ -251,7 +253,7 @@ def _check_options(o: RaerConfig) -> None:
     if o.max_frames < 0:
         bad(f"max_frames must be >= 0 (0 = all), got {o.max_frames}")
     if o.num_workers < 0:
-        bad(f"num_workers must be >= 0 (0 = one per core), got {o.num_workers}")
+        bad(f"num_workers must be >= 0 (0 = automatic), got {o.num_workers}")
     for pair in o.path_prefix_map:
         if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
             bad(f"path_prefix_map entries must be (old_prefix, new_prefix) strings, got {pair!r}")
@@ -265,44 +267,45 @@ def _options_dict(o: RaerConfig) -> dict[str, Any]:
 
 
 def _ordered_map(fn, items: list, num_workers: int) -> Iterator[tuple[Any, Any]]:
-    """(item, fn(item) or the BadClip it raised), in order, computed by a thread pool.
+    """(item, fn(item)), in order; fn runs in `num_workers` processes when that is > 1.
 
-    PIL releases the GIL while decoding, resizing and encoding, so threads use all cores without
-    the start-up cost and pickling of processes. At most 4 clips per thread are in flight.
+    Processes, not threads: decoding and cropping small frames is mostly Python-level PIL work
+    that holds the GIL (threads measured no faster). They are spawned (not forked) because the
+    caller may already run TensorFlow or JAX threads. At most 4 clips per process are in flight,
+    so memory stays bounded whatever the dataset size. `fn` must be picklable.
     """
-    if num_workers <= 0:
-        num_workers = min(8, _cpu_count())
-
-    def call(item):
-        try:
-            return fn(item)
-        except raer_lib.BadClip as e:
-            return e
-
-    if num_workers == 1:
+    if num_workers <= 1:
         for item in items:
-            yield item, call(item)
+            yield item, fn(item)
         return
     window = 4 * num_workers
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
         pending: collections.deque = collections.deque()
         it = iter(items)
         for item in it:
-            pending.append((item, pool.submit(call, item)))
+            pending.append((item, pool.submit(fn, item)))
             if len(pending) >= window:
                 break
         while pending:
             item, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(call, nxt)))
+            for nxt in it:
+                pending.append((nxt, pool.submit(fn, nxt)))
+                break
             yield item, fut.result()
 
 
-def _cpu_count() -> int:
-    import multiprocessing
+def _num_processes(requested: int, num_clips: int) -> int:
+    """0 = automatic: the TFDS writer keeps one core, the other cores (at most 8) crop clips.
 
-    return multiprocessing.cpu_count()
+    In-process when that leaves fewer than 2 workers (a 2-core machine) or the split has fewer
+    than 64 clips: there, starting processes and shipping crops between them costs more than it
+    saves (measured on 2 vCPUs: 600 synthetic clips 9.7 s in-process, 15 s with 2 workers).
+    """
+    if requested > 0:
+        return requested
+    workers = min(8, multiprocessing.cpu_count() - 1)
+    return workers if workers >= 2 and num_clips >= 64 else 1
 
 
 def _report(name: str, config: str, split: str, stats: dict[str, Any]) -> None:

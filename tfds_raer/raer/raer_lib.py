@@ -176,6 +176,14 @@ def encode_clip(
     }
 
 
+def encode_clip_or_problem(clip: ClipSpec, **kwargs: Any) -> dict[str, Any] | tuple[str, str]:
+    """encode_clip, or (reason, message) for a bad clip: picklable across worker processes."""
+    try:
+        return encode_clip(clip, **kwargs)
+    except BadClip as e:
+        return e.reason, e.message
+
+
 # ----------------------------------------------------------------------------- annotations
 
 
