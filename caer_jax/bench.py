@@ -54,7 +54,7 @@ def bench_model(
     """Train-step and eval-step figures of `config`'s model on random clips."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.clip.source = "random"  # speed does not depend on the weights' values
-    model, _ = caer.build_model(config.model)
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     params = caer.init_params(model, config.model, jax.random.key(0))
     tx = optim.make_optimizer(params, config.optim, steps_per_epoch=100)
     state = state_lib.create(params, tx)

@@ -92,7 +92,7 @@ def evaluate_checkpoint(
     ckpts = checkpoint.Checkpoints(workdir, read_only=True)
     resolved = ckpts.resolve_step(step)
     mesh = sharding.make_mesh(config.mesh)
-    model, _ = caer.build_model(config.model)
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     # The optimizer state is restored too (it is part of the saved pytree) and then dropped.
     abstract = state_lib.abstract_state(model, config, pipeline.steps_per_epoch(config))
     target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))

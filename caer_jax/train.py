@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    model, _ = caer.build_model(config.model)
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     steps_per_epoch = pipeline.steps_per_epoch(config)
     total_steps = steps_per_epoch * config.train.num_epochs
 
