@@ -43,11 +43,11 @@ def decode_jpeg(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def transform_frames(
+def transform_frames_uint8(
     frames: Sequence[Image.Image | np.ndarray], image_size: int, draw: Draw = IDENTITY
 ) -> np.ndarray:
-    """Rotates, resizes and flips every frame with the same `draw`: float32 [T, S, S, 3] in [0, 1]."""
-    out = np.empty((len(frames), image_size, image_size, 3), dtype=np.float32)
+    """Rotates, resizes and flips every frame with the same `draw`: uint8 [T, S, S, 3]."""
+    out = np.empty((len(frames), image_size, image_size, 3), dtype=np.uint8)
     for t, frame in enumerate(frames):
         image = frame if isinstance(frame, Image.Image) else Image.fromarray(frame)
         if draw.angle != 0.0:
@@ -55,7 +55,17 @@ def transform_frames(
         if image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, dtype=np.uint8)
-        if draw.flip:
-            pixels = pixels[:, ::-1]
-        np.divide(pixels, np.float32(255.0), out=out[t])  # as torchvision's ToTensor
+        out[t] = pixels[:, ::-1] if draw.flip else pixels
     return out
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1], divided by 255 as torchvision's ToTensor."""
+    return np.divide(pixels, np.float32(255.0), dtype=np.float32)
+
+
+def transform_frames(
+    frames: Sequence[Image.Image | np.ndarray], image_size: int, draw: Draw = IDENTITY
+) -> np.ndarray:
+    """As transform_frames_uint8, in float32 [T, S, S, 3] in [0, 1]."""
+    return to_unit_range(transform_frames_uint8(frames, image_size, draw))
