@@ -7,14 +7,22 @@ Everything the model needs is read off the checkpoint itself (REFERENCE.md, "The
 checkpoint format"): CLIP geometry from the tensor shapes, n_cls and n_ctx from
 `prompt_learner.ctx`, the prompt token ids (hence the EOT positions) by finding every
 `token_prefix`/`token_suffix` row in the token embedding table, and the clip length from the
-temporal positional embedding. No tokenizer is needed. Values that shapes cannot tell (attention
-heads of the temporal nets, the class-token position) come from the config.
+temporal positional embedding. No tokenizer is needed. Values that shapes cannot tell come from
+the config: attention heads (CLIP towers: the config's where its width matches the checkpoint's,
+else OpenAI's rule width // 64; temporal nets: the config's), the class-token position, dropout.
+
+The written checkpoint is a step-0 train state (params + fresh optimizer state) in workdir's
+orbax CheckpointManager: `python -m caer_jax.eval --step=latest` evaluates it and
+`python -m caer_jax.train` resumes from it. Both rebuild the prompts from the config's text type
+and tokenizer, so the CLI checks that they reproduce the checkpoint's prompt token ids.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,8 +93,8 @@ def _row_ids(rows: np.ndarray, table: np.ndarray, what: str) -> np.ndarray:
 def prompt_token_ids(sd: Mapping[str, Any]) -> np.ndarray:
     """Token ids [n_cls, context_length] of the prompts, from the prompt learner's buffers.
 
-    The context slots (which the learned ctx replaces) get id 0; the EOT index is the argmax,
-    as the end token is the last row of the table.
+    The context slots (which the learned ctx replaces) get id 0; the EOT index is the argmax
+    (CLIP's end token has the largest id: the last row of the table).
     """
     table = _np(sd["clip_model_.token_embedding.weight"])
     prefix = _np(sd["prompt_learner.token_prefix"])
@@ -96,10 +104,6 @@ def prompt_token_ids(sd: Mapping[str, Any]) -> np.ndarray:
     ids = np.zeros((n_cls, 1 + n_ctx + suffix.shape[1]), np.int64)
     ids[:, :1] = _row_ids(prefix, table, "prompt_learner.token_prefix")
     ids[:, 1 + n_ctx :] = _row_ids(suffix, table, "prompt_learner.token_suffix")
-    end = len(table) - 1
-    for i in range(n_cls):
-        if not (ids[i] == end).any():
-            raise WeightsError(f"prompt of class {i} has no end token (row {end} of the table)")
     return ids
 
 
@@ -158,6 +162,15 @@ def convert_state_dict(
     clip_params, geometry = clip_weights.from_openai_state_dict(
         _clip_state_dict(sd), what="official checkpoint (image_encoder./text_encoder.)"
     )
+    # Heads are not in the shapes: the config's where its width matches, else OpenAI's width // 64.
+    heads = {}
+    for tower in ("vision", "text"):
+        width = getattr(geometry, f"{tower}_width")
+        same = cfg.clip[f"{tower}_width"] == width
+        heads[f"{tower}_heads"] = (
+            cfg.clip[f"{tower}_heads"] if same else getattr(geometry, f"{tower}_heads")
+        )
+    geometry = dataclasses.replace(geometry, **heads)
     ctx = _np(sd["prompt_learner.ctx"]).astype(np.float32, copy=False)
     ids = prompt_token_ids(sd)
     overrides: dict[str, Any] = {f"model.clip.{k}": v for k, v in geometry.__dict__.items()}
@@ -195,7 +208,6 @@ def convert_state_dict(
             f"temporal attention width {sizes['inner']} (to_qkv) != config.model.temporal.heads "
             f"{cfg.temporal.heads} x head_dim {cfg.temporal.head_dim}"
         )
-    overrides["model.clip.source"] = "random"  # the weights are in the converted params
     apply_overrides(cfg, {k[6:]: v for k, v in overrides.items() if k.startswith("model.")})
     model, _ = caer.build_model(cfg, prompt_token_ids=ids, num_frames=sizes["num_frames"])
     x = caer.dummy_clip(model, sizes["num_frames"])
@@ -233,3 +245,119 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
         for p in parents:
             node = node[p]
         node[leaf] = value
+
+
+def check_prompts_reproducible(model: caer.CLIPCAER, config: ml_collections.ConfigDict) -> None:
+    """Train/eval tokenise config.model.prompt texts again: they must give the checkpoint's ids."""
+    from caer_jax.models import tokenizer as tokenizer_lib
+
+    try:
+        tok = tokenizer_lib.load_tokenizer(config.model.clip)
+    except Exception as e:  # noqa: BLE001 - report why, whatever the loader raised
+        raise WeightsError(
+            f"cannot load the tokenizer of config.model.clip.source={config.model.clip.source!r} "
+            f"({type(e).__name__}: {e}); train/eval need it to rebuild the checkpoint's prompts "
+            "(point the source at a Hugging Face CLIP folder holding vocab.json and merges.txt)"
+        ) from e
+    ids = tokenizer_lib.tokenize(
+        tok, caer.prompt_texts(config.model), config.model.clip.context_length
+    )
+    want = np.asarray(model.prompt_token_ids)
+    n_ctx = config.model.prompt.n_ctx
+    for i in range(len(want)):
+        mine = np.concatenate([ids[i, :1], ids[i, 1 + n_ctx :]])
+        theirs = np.concatenate([want[i, :1], want[i, 1 + n_ctx :]])
+        if not np.array_equal(mine, theirs):
+            raise WeightsError(
+                f"class {i}: config.model.prompt.text_type={config.model.prompt.text_type!r} with "
+                f"the tokenizer of {config.model.clip.source!r} gives prompt ids "
+                f"{mine[: int(mine.argmax()) + 1].tolist()}, the checkpoint has "
+                f"{theirs[: int(theirs.argmax()) + 1].tolist()}"
+            )
+
+
+def write_checkpoint(
+    params: dict, config: ml_collections.ConfigDict, workdir: str | os.PathLike, meta: dict
+) -> int:
+    """Save `params` as a step-0 train state in workdir (refuses a workdir with checkpoints)."""
+    import jax.numpy as jnp
+
+    from caer_jax import checkpoint, optim
+    from caer_jax import state as state_lib
+
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    try:
+        if ckpts.manager.latest_step() is not None:
+            raise FileExistsError(
+                f"{ckpts.directory} already holds checkpoints (steps {ckpts.manager.all_steps()}); "
+                "convert into an empty workdir"
+            )
+        params = jax.tree.map(jnp.asarray, params)
+        # The optimizer state's structure does not depend on the schedule's steps per epoch.
+        tx = optim.make_optimizer(params, config.optim, steps_per_epoch=1)
+        state = state_lib.create(params, tx)
+        ckpts.save(state, config=config, meta=meta)
+        ckpts.wait()
+        return int(state.step)
+    finally:
+        ckpts.close()
+
+
+def main_convert(
+    official: str | os.PathLike, config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, tuple[Any, Any]]:
+    """The CLI: convert, set the config from the checkpoint, check prompts, write; returns the
+    config values that the checkpoint changed ({key: (config's, checkpoint's)})."""
+    model, params, overrides = convert_official(official, config.model)
+    changed = {}
+    for key, value in overrides.items():
+        node = config
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        old = node[key.split(".")[-1]]
+        if old != value:
+            changed[key] = (old, value)
+    apply_overrides(config, overrides)
+    check_prompts_reproducible(model, config)
+    meta = {
+        "epoch": 0,
+        "selection_split": config.train.selection_split,
+        "protocol": f"converted from the official checkpoint {os.fspath(official)}",
+        "metrics": None,
+        "history": [],
+        "converted_from": os.fspath(official),
+    }
+    write_checkpoint(params, config, workdir, meta)
+    return changed
+
+
+def _cli() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    official = flags.DEFINE_string("official", None, "The authors' model_best.pth.")
+    workdir = flags.DEFINE_string("workdir", None, "Empty workdir for the orbax checkpoint.")
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not (official.value and workdir.value and config_flag.value):
+            raise app.UsageError("--official, --config and --workdir are required")
+        try:
+            changed = main_convert(official.value, config_flag.value, workdir.value)
+        except (WeightsError, FileExistsError, FileNotFoundError) as e:
+            sys.exit(f"convert: {e}")
+        print(f"wrote step 0 to {workdir.value}/checkpoints")
+        if changed:
+            print("the checkpoint differs from the config; pass these to train/eval:")
+            print(" ".join(f"--config.{k}={v[1]}" for k, v in changed.items()))
+        print(
+            f"evaluate: python -m caer_jax.eval --config=... --workdir={workdir.value} --step=latest"
+        )
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    _cli()

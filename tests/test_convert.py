@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caer_jax import convert
+from caer_jax import checkpoint, convert
+from caer_jax import state as state_lib
+from caer_jax.models import caer
+from caer_jax.models import tokenizer as tokenizer_lib
 from caer_jax.models.clip_weights import WeightsError
 from configs import synthetic_tiny
 
@@ -36,62 +39,73 @@ def _block(sd, p, w, g):
     sd[f"{p}.mlp.c_proj.bias"] = g(w)
 
 
-def _temporal(sd, p, g):
-    sd[f"{p}.cls_token"] = torch.randn(1, 1, E)
-    sd[f"{p}.pos_embedding"] = torch.randn(1, T + 1, E)
+def _temporal(sd, p, g, e=E, t=T, inner=HEADS * HEAD_DIM, mlp=MLP):
+    sd[f"{p}.cls_token"] = torch.randn(1, 1, e)
+    sd[f"{p}.pos_embedding"] = torch.randn(1, t + 1, e)
     q = f"{p}.temporal_transformer.layers.0"
-    sd[f"{q}.0.fn.norm.weight"], sd[f"{q}.0.fn.norm.bias"] = 1 + g(E), g(E)
-    sd[f"{q}.0.fn.fn.to_qkv.weight"] = g(3 * HEADS * HEAD_DIM, E)
-    sd[f"{q}.0.fn.fn.to_out.0.weight"], sd[f"{q}.0.fn.fn.to_out.0.bias"] = (
-        g(E, HEADS * HEAD_DIM),
-        g(E),
-    )
-    sd[f"{q}.1.fn.norm.weight"], sd[f"{q}.1.fn.norm.bias"] = 1 + g(E), g(E)
-    sd[f"{q}.1.fn.fn.net.0.weight"], sd[f"{q}.1.fn.fn.net.0.bias"] = g(MLP, E), g(MLP)
-    sd[f"{q}.1.fn.fn.net.3.weight"], sd[f"{q}.1.fn.fn.net.3.bias"] = g(E, MLP), g(E)
+    sd[f"{q}.0.fn.norm.weight"], sd[f"{q}.0.fn.norm.bias"] = 1 + g(e), g(e)
+    sd[f"{q}.0.fn.fn.to_qkv.weight"] = g(3 * inner, e)
+    sd[f"{q}.0.fn.fn.to_out.0.weight"], sd[f"{q}.0.fn.fn.to_out.0.bias"] = g(e, inner), g(e)
+    sd[f"{q}.1.fn.norm.weight"], sd[f"{q}.1.fn.norm.bias"] = 1 + g(e), g(e)
+    sd[f"{q}.1.fn.fn.net.0.weight"], sd[f"{q}.1.fn.fn.net.0.bias"] = g(mlp, e), g(mlp)
+    sd[f"{q}.1.fn.fn.net.3.weight"], sd[f"{q}.1.fn.fn.net.3.bias"] = g(e, mlp), g(e)
 
 
-def official_state_dict(seed=0):
+def official_state_dict(
+    seed=0,
+    *,
+    vw=VW,
+    tw=TW,
+    e=E,
+    patch=PATCH,
+    img=IMG,
+    vocab=VOCAB,
+    layers=2,
+    t=T,
+    inner=HEADS * HEAD_DIM,
+    mlp=MLP,
+    ids=None,
+):
     """A CLIP-CAER state dict with REFERENCE.md's names and shapes, plus the prompt token ids."""
     torch.manual_seed(seed)
     g = lambda *s: torch.randn(*s) * 0.05  # noqa: E731
     sd = {}
     # CLIP (OpenAI names), then shared under image_encoder./text_encoder.
     clip = {
-        "visual.conv1.weight": g(VW, 3, PATCH, PATCH),
-        "visual.class_embedding": g(VW),
-        "visual.positional_embedding": g((IMG // PATCH) ** 2 + 1, VW),
-        "visual.proj": g(VW, E),
-        "token_embedding.weight": g(VOCAB, TW),
-        "positional_embedding": g(CTX_LEN, TW),
-        "text_projection": g(TW, E),
+        "visual.conv1.weight": g(vw, 3, patch, patch),
+        "visual.class_embedding": g(vw),
+        "visual.positional_embedding": g((img // patch) ** 2 + 1, vw),
+        "visual.proj": g(vw, e),
+        "token_embedding.weight": g(vocab, tw),
+        "positional_embedding": g(CTX_LEN, tw),
+        "text_projection": g(tw, e),
         "logit_scale": torch.tensor(math.log(100.0)),
     }
-    for ln, w in (("visual.ln_pre", VW), ("visual.ln_post", VW), ("ln_final", TW)):
+    for ln, w in (("visual.ln_pre", vw), ("visual.ln_post", vw), ("ln_final", tw)):
         clip[f"{ln}.weight"], clip[f"{ln}.bias"] = 1 + g(w), g(w)
-    for i in range(2):
-        _block(clip, f"visual.transformer.resblocks.{i}", VW, g)
-        _block(clip, f"transformer.resblocks.{i}", TW, g)
+    for i in range(layers):
+        _block(clip, f"visual.transformer.resblocks.{i}", vw, g)
+        _block(clip, f"transformer.resblocks.{i}", tw, g)
     sd.update({f"clip_model_.{k}": v for k, v in clip.items()})
     sd.update({f"image_encoder.{k[7:]}": v for k, v in clip.items() if k.startswith("visual.")})
     for k, v in clip.items():
         if k.startswith(("transformer.", "positional_embedding", "ln_final", "text_projection")):
             sd[f"text_encoder.{k}"] = v
-    # Prompts: <start> X*8 class tokens <end> 0...; end = last row of the table.
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((N_CLS, CTX_LEN), np.int64)
-    for c, n in enumerate((5, 3, 9, 7, 12)):
-        ids[c, 0] = VOCAB - 2
-        ids[c, 1 : 1 + N_CTX] = 7
-        ids[c, 1 + N_CTX : 1 + N_CTX + n] = rng.integers(1, VOCAB - 2, n)
-        ids[c, 1 + N_CTX + n] = VOCAB - 1
-    emb = clip["token_embedding.weight"][torch.from_numpy(ids)]
-    sd["prompt_learner.ctx"] = torch.randn(N_CLS, N_CTX, TW) * 0.02
+    if ids is None:  # <start> X*8 class tokens <end> 0...; end = last row of the table.
+        rng = np.random.default_rng(seed)
+        ids = np.zeros((N_CLS, CTX_LEN), np.int64)
+        for c, n in enumerate((5, 3, 9, 7, 12)):
+            ids[c, 0] = vocab - 2
+            ids[c, 1 : 1 + N_CTX] = 7
+            ids[c, 1 + N_CTX : 1 + N_CTX + n] = rng.integers(1, vocab - 2, n)
+            ids[c, 1 + N_CTX + n] = vocab - 1
+    emb = clip["token_embedding.weight"][torch.from_numpy(np.asarray(ids, np.int64))]
+    sd["prompt_learner.ctx"] = torch.randn(N_CLS, N_CTX, tw) * 0.02
     sd["prompt_learner.token_prefix"] = emb[:, :1].clone()
     sd["prompt_learner.token_suffix"] = emb[:, 1 + N_CTX :].clone()
-    _temporal(sd, "temporal_net", g)
-    _temporal(sd, "temporal_net_body", g)
-    sd["project_fc.weight"], sd["project_fc.bias"] = g(E, 2 * E), g(E)
+    for net in ("temporal_net", "temporal_net_body"):
+        _temporal(sd, net, g, e, t, inner, mlp)
+    sd["project_fc.weight"], sd["project_fc.bias"] = g(e, 2 * e), g(e)
     return sd, ids
 
 
@@ -187,6 +201,9 @@ def reference_logits(sd, ids, face, context):
 def _model_cfg():
     cfg = synthetic_tiny.get_config().model
     cfg.temporal.heads, cfg.temporal.head_dim = HEADS, HEAD_DIM
+    # CLIP heads: text width 64 matches the config, whose heads are used (1, as the reference);
+    # vision width 128 does not (config 64), so heads come from OpenAI's rule 128 // 64 = 2.
+    cfg.clip.text_heads = 1
     return cfg
 
 
@@ -279,3 +296,61 @@ def test_errors_name_key_and_shapes():
     cfg.temporal.heads = 8
     with pytest.raises(WeightsError, match="config.model.temporal.heads 8"):
         convert.convert_state_dict(sd, cfg)
+
+
+# ---- the CLI: an orbax checkpoint that eval and train restore ------------------------------------
+
+
+def _tiny_official(tmp_path, config):
+    c = config.model.clip
+    tok = tokenizer_lib.offline_tokenizer()
+    ids = tokenizer_lib.tokenize(tok, caer.prompt_texts(config.model), c.context_length)
+    sd, _ = official_state_dict(
+        vw=c.vision_width,
+        tw=c.text_width,
+        e=c.embed_dim,
+        patch=c.patch_size,
+        img=c.image_size,
+        vocab=c.vocab_size,
+        layers=c.vision_layers,
+        t=config.data.num_segments,
+        inner=config.model.temporal.heads * config.model.temporal.head_dim,
+        mlp=config.model.temporal.mlp_dim,
+        ids=ids,
+    )
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 20, "state_dict": sd, "best_acc": 0.6}, path)
+    return path, sd
+
+
+def test_cli_writes_a_checkpoint_that_restores(tmp_path):
+    config = synthetic_tiny.get_config()
+    path, sd = _tiny_official(tmp_path, config)
+    changed = convert.main_convert(path, config, tmp_path / "run")
+    assert changed == {}  # the tiny config already has the checkpoint's geometry
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    abstract = state_lib.abstract_state(model, config, steps_per_epoch=1)
+    ckpts = checkpoint.Checkpoints(tmp_path / "run", read_only=True)
+    step = ckpts.resolve_step("latest")
+    state, saved_config, meta = ckpts.restore(step, abstract)
+    ckpts.close()
+    assert step == 0 and meta["epoch"] == 0 and "official" in meta["protocol"]
+    assert saved_config["model"]["clip"]["vision_width"] == 64
+    ctx = sd["prompt_learner.ctx"].numpy()
+    np.testing.assert_array_equal(state.params["prompt_learner"]["ctx"], ctx)
+    np.testing.assert_array_equal(
+        state.params["project_fc"]["kernel"], sd["project_fc.weight"].numpy().T
+    )
+    face = np.random.default_rng(0).uniform(0, 1, (1, 8, 64, 64, 3)).astype(np.float32)
+    logits, _ = jax.jit(lambda p: model.apply({"params": p}, face, face))(state.params)
+    assert np.isfinite(logits).all()
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        convert.main_convert(path, synthetic_tiny.get_config(), tmp_path / "run")
+
+
+def test_cli_refuses_prompts_that_train_would_not_rebuild(tmp_path):
+    config = synthetic_tiny.get_config()
+    path, _ = _tiny_official(tmp_path, config)
+    config.model.prompt.text_type = "class_names"
+    with pytest.raises(WeightsError, match="class 0: config.model.prompt.text_type='class_names'"):
+        convert.main_convert(path, config, tmp_path / "run")
