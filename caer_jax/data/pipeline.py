@@ -240,8 +240,10 @@ def _iterate(
 
 
 def _to_unit_range(batch: dict) -> dict:
+    # New arrays for every key: with worker processes the inputs live in shared memory, which is
+    # then released as soon as the batch is converted rather than at interpreter exit.
     return {
-        key: augment.to_unit_range(value) if key in STREAMS else value
+        key: augment.to_unit_range(value) if key in STREAMS else np.array(value)
         for key, value in batch.items()
     }
 
@@ -290,7 +292,11 @@ def eval_batches(
         process_index=process_index,
         process_count=process_count,
     )
-    return _iterate(element, element.steps * element.local_batch, element.local_batch, config)
+    iterator = _iterate(element, element.steps * element.local_batch, element.local_batch, config)
+    try:
+        yield from iterator
+    finally:
+        iterator.close()  # stops worker processes and frees their shared memory now
 
 
 def global_batch(host_batch: dict, mesh: jax.sharding.Mesh) -> dict:
