@@ -317,6 +317,9 @@ def test_unknown_format_lists_accepted(tmp_path):
     f.write_bytes(b"xx")
     with pytest.raises(clip_weights.WeightsError, match="accepted.*safetensors.*msgpack.*OpenAI"):
         clip_weights.load_clip_weights(f)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(clip_weights.WeightsError, match="not a readable torch checkpoint"):
+        clip_weights.load_clip_weights(tmp_path / "empty.pth")
     torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(clip_weights.WeightsError, match="not a CLIP state dict"):
         clip_weights.load_clip_weights(tmp_path / "other.pt")

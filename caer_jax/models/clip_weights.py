@@ -355,6 +355,11 @@ def load_torch_file(path: str | os.PathLike, *, inert_classes: bool = False) -> 
             f"{path}: refused to load: it holds objects other than tensors and plain containers "
             f"(torch.load weights_only=True): {str(e).splitlines()[0]}"
         ) from e
+    except (EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise WeightsError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}); accepted: "
+            + "; ".join(FORMATS)
+        ) from e
 
 
 def _hf_heads(config_path: Path) -> tuple[tuple[int, int], Any]:
