@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -237,6 +238,12 @@ def test_cli_build(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- bad input
+# Dataset-level problems stop the build, with or without skip_bad_clips.
+
+
+def _expect(tmp_path, manual, match, **options):
+    with pytest.raises(RaerFormatError, match=match):
+        build(manual, tmp_path / "d", **options)
 
 
 def test_missing_manual_dir(tmp_path):
@@ -246,145 +253,238 @@ def test_missing_manual_dir(tmp_path):
         assert name in str(e.value)  # the manual download instructions list the files
 
 
-def _expect(tmp_path, manual, match):
-    with pytest.raises(RaerFormatError, match=match):
-        build(manual, tmp_path / "d")
-
-
-def test_missing_annotation_file(tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_missing_files_stop_the_build(tmp_path, skip):
     manual = dummy_copy(tmp_path)
     (manual / "test.txt").unlink()
-    _expect(tmp_path, manual, r"test\.txt: annotation file not found")
-
-
-def test_missing_box_file(tmp_path):
-    manual = dummy_copy(tmp_path)
+    _expect(tmp_path, manual, r"test\.txt: annotation file not found", skip_bad_clips=skip)
     (manual / "body_boxes.json").unlink()
-    _expect(tmp_path, manual, r"body_boxes\.json: file not found")
+    _expect(tmp_path, manual, r"body_boxes\.json: file not found", skip_bad_clips=skip)
 
 
-@pytest.mark.parametrize(
-    "old, new, match",
-    [
-        ("clips/a02 2 2", "clips/a02 2 6", r"train\.txt:2: label 6 outside 1\.\.5"),
-        ("clips/a02 2 2", "clips/a02 2 0", r"train\.txt:2: label 0 outside"),
-        (
-            "clips/a02 2 2",
-            "clips/a02  2 2",
-            r"train\.txt:2: expected '<frames_dir> <num_frames> <label>'",
-        ),
-        ("clips/a02 2 2", "clips/a02 2", r"train\.txt:2: expected"),
-        (
-            "clips/a02 2 2",
-            "clips/a02 two 2",
-            r"train\.txt:2: num_frames and label must be integers",
-        ),
-        (
-            "clips/a02 2 2",
-            "clips/a02 3 2",
-            r"train\.txt:2: the line says 3 frames but .*a02 holds 2",
-        ),
-        ("clips/a02 2 2", "clips/zz 2 2", r"train\.txt:2: frames folder .*clips/zz not found"),
-        (
-            "clips/a02 2 2",
-            "clips/a01 3 2",
-            r"train\.txt:2: clips/a01 already listed at train\.txt:1",
-        ),
-    ],
-)
-def test_bad_annotation_lines(tmp_path, old, new, match):
-    manual = dummy_copy(tmp_path)
-    rewrite(manual / "train.txt", old, new)
-    _expect(tmp_path, manual, match)
-
-
-def test_duplicate_across_splits(tmp_path):
-    manual = dummy_copy(tmp_path)
-    rewrite(manual / "test.txt", "clips/b01 2 3", "clips/a02 2 3")
-    _expect(tmp_path, manual, r"test\.txt:1: clips/a02 already listed at train\.txt:2")
-
-
-def test_empty_frames_folder(tmp_path):
-    manual = dummy_copy(tmp_path)
-    for p in (manual / "clips/a03").iterdir():
-        p.unlink()
-    _expect(tmp_path, manual, r"train\.txt:3: frames folder .*a03 holds no image files")
-
-
-def test_corrupt_and_truncated_images(tmp_path):
-    manual = dummy_copy(tmp_path)
-    data = (manual / "clips/b02/000002.jpg").read_bytes()
-    (manual / "clips/b02/000002.jpg").write_bytes(data[: len(data) // 2])
-    _expect(tmp_path, manual, r"test\.txt:2: clips/b02: .*000002\.jpg: cannot decode image")
-    (manual / "clips/b02/000002.jpg").write_bytes(b"not a jpeg at all")
-    shutil.rmtree(tmp_path / "d")
-    _expect(tmp_path, manual, r"test\.txt:2: clips/b02: .*000002\.jpg: cannot decode image")
-
-
-@pytest.mark.parametrize(
-    "file, old, new, match",
-    [
-        (
-            "face_boxes.json",
-            "[\n   14,\n   4,\n   26,\n   16\n  ]",
-            "[\n   14,\n   4,\n   60,\n   16\n  ]",
-            r"train\.txt:1: clips/a01: face box of 000001\.jpg .* lies outside the 40x30 image",
-        ),
-        (
-            "face_boxes.json",
-            "[\n   14,\n   4,\n   26,\n   16\n  ]",
-            "[\n   26,\n   4,\n   14,\n   16\n  ]",
-            r"train\.txt:1: .*face_boxes\.json\['clips/a01'\]\['000001\.jpg'\]: box .* needs left < right",
-        ),
-        (
-            "face_boxes.json",
-            "[\n   14,\n   4,\n   26,\n   16\n  ]",
-            "[14, 4, 26]",
-            r"train\.txt:1: .*expected \[left, upper, right, lower\] numbers",
-        ),
-        (
-            "body_boxes.json",
-            '"clips/a01": [\n  6,',
-            '"clips/a01": [\n  -6,',
-            r"train\.txt:1: clips/a01: body box .* lies outside",
-        ),
-        (
-            "body_boxes.json",
-            '"clips/a01": [\n  6,\n  2,\n  34,\n  30\n ]',
-            '"clips/a01": {"x": 1}',
-            r"train\.txt:1: .*body_boxes\.json\['clips/a01'\]: expected \[left",
-        ),
-        (
-            "face_boxes.json",
-            '"clips/a01": {',
-            '"clips/a01": [1], "x": {',
-            r"train\.txt:1: .*face_boxes\.json\['clips/a01'\]: expected \{frame_file",
-        ),
-    ],
-)
-def test_bad_boxes(tmp_path, file, old, new, match):
-    manual = dummy_copy(tmp_path)
-    rewrite(manual / file, old, new)
-    _expect(tmp_path, manual, match)
-
-
-def test_box_json_top_level_shape(tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_box_json_top_level_shape(tmp_path, skip):
     manual = dummy_copy(tmp_path)
     (manual / "body_boxes.json").write_text("[[1, 2, 3, 4]]")
     _expect(
-        tmp_path, manual, r"body_boxes\.json: expected a JSON object keyed by frames_dir, got list"
+        tmp_path,
+        manual,
+        r"body_boxes\.json: expected a JSON object keyed by frames_dir, got list",
+        skip_bad_clips=skip,
     )
     (manual / "body_boxes.json").write_text("{not json")
-    _expect(tmp_path, manual, r"body_boxes\.json: not valid JSON")
+    _expect(tmp_path, manual, r"body_boxes\.json: not valid JSON", skip_bad_clips=skip)
 
 
-def test_skip_bad_clips_counts_and_reports(tmp_path, capsys):
+# Clip-level problems: (id, mutation, message of the default mode, skip reason, split, bad clip).
+BODY_A01 = '"clips/a01": [\n  6,\n  2,\n  34,\n  30\n ]'
+
+
+def _face_a01(value):
+    def mutate(m):
+        boxes = json.loads((m / "face_boxes.json").read_text())
+        boxes["clips/a01"]["000001.jpg"] = value
+        (m / "face_boxes.json").write_text(json.dumps(boxes))
+
+    return mutate
+
+
+def _line(old, new):
+    return lambda m: rewrite(
+        m / ("test.txt" if old.startswith("clips/b") else "train.txt"), old, new
+    )
+
+
+def _truncate(m):
+    p = m / "clips/b02/000002.jpg"
+    p.write_bytes(p.read_bytes()[:200])
+
+
+def _empty(m):
+    for p in (m / "clips/a03").iterdir():
+        p.unlink()
+
+
+CLIP_CASES = [
+    (
+        "label_high",
+        _line("clips/a02 2 2", "clips/a02 2 6"),
+        r"train\.txt:2: label 6 outside 1\.\.5",
+        "bad_label",
+        "train",
+        "clips/a02",
+    ),
+    (
+        "label_zero",
+        _line("clips/a02 2 2", "clips/a02 2 0"),
+        r"train\.txt:2: label 0 outside",
+        "bad_label",
+        "train",
+        "clips/a02",
+    ),
+    (
+        "double_space",
+        _line("clips/a02 2 2", "clips/a02  2 2"),
+        r"train\.txt:2: expected '<frames_dir> <num_frames> <label>'",
+        "malformed_line",
+        "train",
+        "clips/a02",
+    ),
+    (
+        "two_fields",
+        _line("clips/a02 2 2", "clips/a02 2"),
+        r"train\.txt:2: expected",
+        "malformed_line",
+        "train",
+        "clips/a02",
+    ),
+    (
+        "not_int",
+        _line("clips/a02 2 2", "clips/a02 two 2"),
+        r"train\.txt:2: num_frames and label must be integers",
+        "malformed_line",
+        "train",
+        "clips/a02",
+    ),
+    (
+        "num_frames",
+        _line("clips/a02 2 2", "clips/a02 3 2"),
+        r"train\.txt:2: the line says 3 frames but .*a02 holds 2",
+        "num_frames_mismatch",
+        "train",
+        "clips/a02",
+    ),
+    (
+        "missing_dir",
+        _line("clips/a02 2 2", "clips/zz 2 2"),
+        r"train\.txt:2: frames folder .*clips/zz not found",
+        "missing_frames_dir",
+        "train",
+        "clips/zz",
+    ),
+    (
+        "empty_dir",
+        _empty,
+        r"train\.txt:3: frames folder .*a03 holds no image files",
+        "empty_frames_dir",
+        "train",
+        "clips/a03",
+    ),
+    (
+        "duplicate",
+        _line("clips/a02 2 2", "clips/a01 3 2"),
+        r"train\.txt:2: clips/a01 already listed at train\.txt:1",
+        "duplicate_clip",
+        "train",
+        None,
+    ),
+    (
+        "duplicate_across_splits",
+        _line("clips/b01 2 3", "clips/a02 2 3"),
+        r"test\.txt:1: clips/a02 already listed at train\.txt:2",
+        "duplicate_clip",
+        "test",
+        None,
+    ),
+    (
+        "truncated_jpeg",
+        _truncate,
+        r"test\.txt:2: clips/b02: .*000002\.jpg: cannot decode image",
+        "corrupt_image",
+        "test",
+        "clips/b02",
+    ),
+    (
+        "garbage_jpeg",
+        lambda m: (m / "clips/b02/000002.jpg").write_bytes(b"not a jpeg"),
+        r"test\.txt:2: clips/b02: .*000002\.jpg: cannot decode image",
+        "corrupt_image",
+        "test",
+        "clips/b02",
+    ),
+    (
+        "face_box_outside",
+        _face_a01([14, 4, 60, 16]),
+        r"train\.txt:1: clips/a01: face box of 000001\.jpg .* lies outside the 40x30 image",
+        "box_outside_image",
+        "train",
+        "clips/a01",
+    ),
+    (
+        "body_box_outside",
+        lambda m: rewrite(m / "body_boxes.json", BODY_A01, '"clips/a01": [-6, 2, 34, 30]'),
+        r"train\.txt:1: clips/a01: body box .* lies outside",
+        "box_outside_image",
+        "train",
+        "clips/a01",
+    ),
+    (
+        "left_ge_right",
+        _face_a01([26, 4, 14, 16]),
+        r"train\.txt:1: .*face_boxes\.json\['clips/a01'\]\['000001\.jpg'\]: box .* needs left < right",
+        "bad_box",
+        "train",
+        "clips/a01",
+    ),
+    (
+        "box_three_numbers",
+        _face_a01([14, 4, 26]),
+        r"train\.txt:1: .*expected \[left, upper, right, lower\] numbers",
+        "bad_box",
+        "train",
+        "clips/a01",
+    ),
+    (
+        "body_entry_shape",
+        lambda m: rewrite(m / "body_boxes.json", BODY_A01, '"clips/a01": {"x": 1}'),
+        r"train\.txt:1: .*body_boxes\.json\['clips/a01'\]: expected \[left",
+        "bad_box",
+        "train",
+        "clips/a01",
+    ),
+    (
+        "face_entry_shape",
+        lambda m: rewrite(m / "face_boxes.json", '"clips/a01": {', '"clips/a01": [1], "x": {'),
+        r"train\.txt:1: .*face_boxes\.json\['clips/a01'\]: expected \{frame_file",
+        "bad_box",
+        "train",
+        "clips/a01",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CLIP_CASES, ids=[c[0] for c in CLIP_CASES])
+def test_bad_clip_stops_the_build(tmp_path, case):
+    _, mutate, match, _, _, _ = case
+    manual = dummy_copy(tmp_path)
+    mutate(manual)
+    _expect(tmp_path, manual, match)
+
+
+@pytest.mark.parametrize("case", CLIP_CASES, ids=[c[0] for c in CLIP_CASES])
+def test_bad_clip_skipped_and_counted(tmp_path, capsys, case):
+    _, mutate, match, reason, split, bad_id = case
+    manual = dummy_copy(tmp_path)
+    mutate(manual)
+    b = build(manual, tmp_path / "d", skip_bad_clips=True)
+    expected = {"train": 4, "test": 2}
+    expected[split] -= 1
+    assert {k: b.info.splits[k].num_examples for k in expected} == expected
+    skipped = b.info.metadata["statistics"][split]["skipped"]
+    assert skipped["by_reason"] == {reason: 1}
+    assert re.search(match, skipped["first"][0])
+    ds = tfds.data_source("raer/64px", split=split, data_dir=str(tmp_path / "d"))
+    ids = [ds[i]["video_id"].decode() for i in range(len(ds))]
+    assert bad_id not in ids and len(set(ids)) == len(ids)
+    err = capsys.readouterr().err
+    assert f"{split}: " in err and "SKIPPED 1 bad clips" in err and reason in err
+
+
+def test_skip_bad_clips_several_reasons(tmp_path, capsys):
     manual = dummy_copy(tmp_path)
     rewrite(manual / "train.txt", "clips/a02 2 2", "clips/a02 2 9")  # bad label
     rewrite(manual / "train.txt", "clips/a03 2 4", "clips/a03 5 4")  # frame count
     (manual / "clips/b02/000003.jpg").write_bytes(b"garbage")  # corrupt, found while cropping
-    with pytest.raises(RaerFormatError):
-        build(manual, tmp_path / "strict")
     b = build(manual, tmp_path / "d", skip_bad_clips=True)
     assert b.info.splits["train"].num_examples == 2 and b.info.splits["test"].num_examples == 1
     stats = b.info.metadata["statistics"]
@@ -392,11 +492,58 @@ def test_skip_bad_clips_counts_and_reports(tmp_path, capsys):
     assert stats["test"]["skipped"]["by_reason"] == {"corrupt_image": 1}
     assert "train.txt:2" in stats["train"]["skipped"]["first"][0]
     err = capsys.readouterr().err
-    assert "SKIPPED 2 bad clips" in err and "SKIPPED 1 bad clips" in err and "train.txt:3" in err
+    assert "SKIPPED 2 bad clips" in err and "train.txt:3" in err
     # reloaded from disk
     again = tfds.builder("raer/64px", data_dir=str(tmp_path / "d"))
     assert again.info.metadata["statistics"]["test"]["skipped"]["total"] == 1
     assert again.info.metadata["build_options"]["skip_bad_clips"] is True
+
+
+def test_split_with_no_usable_clip(tmp_path):
+    manual = dummy_copy(tmp_path)
+    (manual / "test.txt").write_text("clips/b01 2 7\nclips/b02 3 0\n")
+    _expect(
+        tmp_path,
+        manual,
+        r"test split: no usable clip \(2 skipped: .*bad_label",
+        skip_bad_clips=True,
+    )
+
+
+def test_options_from_cli_flags_and_environment(tmp_path, monkeypatch):
+    from tfds_raer import build as cli
+
+    manual = dummy_copy(tmp_path)
+    rewrite(manual / "train.txt", "clips/a02 2 2", "clips/a02 2 9")
+    (manual / "train.txt").rename(manual / "train_list.txt")
+    argv = [
+        str(DUMMY.parent),
+        f"--manual_dir={manual}",
+        "--config=64px",
+        "--skip_bad_clips",
+        "--train_file=train_list.txt",
+        "--max_frames=2",
+        "--path_prefix_map=/a=/b",
+    ]
+    options, rest = cli.parse_raer_flags(argv)
+    assert options == {
+        "skip_bad_clips": True,
+        "train_file": "train_list.txt",
+        "max_frames": 2,
+        "path_prefix_map": [["/a", "/b"]],
+    }
+    assert rest == argv[:3]
+    cli.main([*argv, f"--data_dir={tmp_path / 'cli'}"])
+    b = tfds.builder("raer/64px", data_dir=str(tmp_path / "cli"))
+    assert b.info.splits["train"].num_examples == 3
+    assert b.info.metadata["build_options"]["max_frames"] == 2
+    monkeypatch.setenv(
+        "TFDS_RAER_OPTIONS", '{"skip_bad_clips": true, "train_file": "train_list.txt"}'
+    )
+    assert build(manual, tmp_path / "env").info.splits["train"].num_examples == 3
+    monkeypatch.setenv("TFDS_RAER_OPTIONS", '{"skip_bad_clip": true}')
+    with pytest.raises(ValueError, match="unknown option"):
+        Builder(config="64px")
 
 
 def test_bad_options():

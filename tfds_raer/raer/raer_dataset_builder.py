@@ -9,9 +9,10 @@ or from Python (`import tfds_raer` registers "raer"):
       download_config=tfds.download.DownloadConfig(manual_dir=M))
 
 Options that are not part of the config name are builder keyword arguments (also accepted as
-`tfds.builder(..., skip_bad_clips=True)`), stored in the dataset metadata ("build_options"):
-skip_bad_clips, validation_fraction, validation_seed, max_frames, jpeg_quality,
-path_prefix_map, num_workers. The data directory depends only on the config name and version.
+`tfds.builder(..., skip_bad_clips=True)`), flags of `python -m tfds_raer.build`, or the JSON
+object in the TFDS_RAER_OPTIONS environment variable (for the stock `tfds build`); see RaerConfig.
+They are stored in the dataset metadata ("build_options"). The data directory depends only on the
+config name and version: a build with a validation split replaces one without.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ _CITATION = """
 
 OPTION_FIELDS = (
     "skip_bad_clips",
+    "train_file",
+    "test_file",
+    "face_boxes_file",
+    "body_boxes_file",
     "validation_fraction",
     "validation_seed",
     "max_frames",
@@ -71,7 +76,9 @@ class RaerConfig(tfds.core.BuilderConfig):
       instead of failing on the first one.
     validation_fraction: > 0 carves a stratified "validation" split from train (seeded).
     max_frames: > 0 stores at most that many frames per clip, subsampled uniformly.
-    path_prefix_map: ((old, new), ...) rewrites absolute frames_dir prefixes (first match).
+    path_prefix_map: ((old, new), ...) rewrites absolute frames_dir prefixes (first match), e.g.
+      (("/home/authors/RAER/", "/data/RAER/"),) when the annotation files name the authors' paths.
+    train_file, test_file, face_boxes_file, body_boxes_file: file names inside manual_dir.
     num_workers: processes decoding and cropping clips (1 = in-process; 0 = automatic: all cores
       but one, at most 8, for splits of 64 clips or more; in-process on 2 cores).
     """
@@ -84,6 +91,16 @@ class RaerConfig(tfds.core.BuilderConfig):
     max_frames: int = 0
     path_prefix_map: tuple[tuple[str, str], ...] = ()
     num_workers: int = 0
+    train_file: str = raer_lib.ANNOTATION_FILES["train"]
+    test_file: str = raer_lib.ANNOTATION_FILES["test"]
+    face_boxes_file: str = raer_lib.FACE_BOXES_FILE
+    body_boxes_file: str = raer_lib.BODY_BOXES_FILE
+
+    @property
+    def files(self) -> raer_lib.LayoutFiles:
+        return raer_lib.LayoutFiles(
+            self.train_file, self.test_file, self.face_boxes_file, self.body_boxes_file
+        )
 
 
 def _make_config(size: int, description: str) -> RaerConfig:
@@ -122,7 +139,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        overrides = {k: kwargs.pop(k) for k in OPTION_FIELDS if k in kwargs}
+        overrides = raer_lib.env_options()
+        unknown = sorted(set(overrides) - set(OPTION_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"{raer_lib.OPTIONS_ENV}: unknown option(s) {unknown}; known: {list(OPTION_FIELDS)}"
+            )
+        overrides.update({k: kwargs.pop(k) for k in OPTION_FIELDS if k in kwargs})
         if "path_prefix_map" in overrides:
             overrides["path_prefix_map"] = tuple(tuple(p) for p in overrides["path_prefix_map"])
         super().__init__(file_format=file_format, **kwargs)
@@ -163,12 +186,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 f"RAER manual_dir {manual_dir} not found.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         opts = self.options
-        face_boxes, body_boxes = raer_lib.read_boxes(manual_dir)
+        face_boxes, body_boxes = raer_lib.read_boxes(manual_dir, opts.files)
         seen: dict[str, str] = {}
         self._problems = {}
         self._stats = {}
         clips = {}
-        for split, file_name in raer_lib.ANNOTATION_FILES.items():
+        for split, file_name in opts.files.splits.items():
             problems = raer_lib.Problems()
             clips[split] = raer_lib.read_split(
                 manual_dir,
@@ -179,6 +202,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 skip_bad_clips=opts.skip_bad_clips,
                 problems=problems,
                 prefix_map=opts.path_prefix_map,
+                files=opts.files,
             )
             self._problems[split] = problems
         if opts.validation_fraction > 0:
@@ -219,6 +243,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 }
             )
             yield clip.video_id, result
+        if not meta:
+            raise raer_lib.RaerFormatError(
+                f"{split} split: no usable clip ({problems.total} skipped: "
+                f"{dict(problems.counts)}); first: " + "; ".join(problems.first[:3])
+            )
         stats = raer_lib.statistics(meta, CLASS_NAMES)
         stats["seconds"] = round(time.perf_counter() - start, 2)
         stats["skipped"] = problems.as_dict()

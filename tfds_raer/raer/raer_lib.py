@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,6 +33,42 @@ FACE_BOXES_FILE = "face_boxes.json"
 BODY_BOXES_FILE = "body_boxes.json"
 FACE_MARGIN = 20  # pixels added on every side of a face box before cropping (REFERENCE.md)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutFiles:
+    """Names of the annotation and box files in manual_dir (builder config fields)."""
+
+    train: str = ANNOTATION_FILES["train"]
+    test: str = ANNOTATION_FILES["test"]
+    face_boxes: str = FACE_BOXES_FILE
+    body_boxes: str = BODY_BOXES_FILE
+
+    @property
+    def splits(self) -> dict[str, str]:
+        return {"train": self.train, "test": self.test}
+
+
+OPTIONS_ENV = "TFDS_RAER_OPTIONS"
+
+
+def env_options() -> dict[str, Any]:
+    """Builder options from the TFDS_RAER_OPTIONS environment variable (a JSON object).
+
+    How options reach builders that the stock `tfds build` command makes, e.g.
+      TFDS_RAER_OPTIONS='{"skip_bad_clips": true}' tfds build tfds_raer/raer --manual_dir=...
+    Keyword arguments given to the builder take precedence.
+    """
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{OPTIONS_ENV} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{OPTIONS_ENV} must be a JSON object, got {text!r}")
+    return value
 
 
 class RaerFormatError(ValueError):
@@ -62,6 +99,7 @@ class ClipSpec:
     line: str
     face_boxes: dict[str, Box]
     body_box: Box | None
+    files: LayoutFiles = LayoutFiles()
 
     @property
     def annotation(self) -> str:
@@ -157,10 +195,10 @@ def encode_clip(
         w, h = img.size
         box = clip.face_boxes.get(name)
         if box is not None:
-            _check_box_in_image(box, w, h, f"face box of {name} ({FACE_BOXES_FILE})")
+            _check_box_in_image(box, w, h, f"face box of {name} ({clip.files.face_boxes})")
         if clip.body_box is not None:
             _check_box_in_image(
-                clip.body_box, w, h, f"body box ({BODY_BOXES_FILE}) of frame {name}"
+                clip.body_box, w, h, f"body box ({clip.files.body_boxes}) of frame {name}"
             )
         faces.append(encode_jpeg(crop_face(img, box, image_size), jpeg_quality))
         contexts.append(encode_jpeg(crop_context(img, clip.body_box, image_size), jpeg_quality))
@@ -276,6 +314,7 @@ def read_split(
     skip_bad_clips: bool,
     problems: Problems,
     prefix_map: Sequence[tuple[str, str]] = (),
+    files: LayoutFiles = LayoutFiles(),
 ) -> list[ClipSpec]:
     """Parses and checks one annotation file (frames on disk, boxes); returns its clips.
 
@@ -287,7 +326,7 @@ def read_split(
     if not path.exists():
         raise RaerFormatError(
             f"{path}: annotation file not found; manual_dir must hold "
-            f"{', '.join(ANNOTATION_FILES.values())}, {FACE_BOXES_FILE}, {BODY_BOXES_FILE} and the "
+            f"{files.train}, {files.test}, {files.face_boxes}, {files.body_boxes} and the "
             "frame folders"
         )
     clips = []
@@ -298,7 +337,9 @@ def read_split(
         source = f"{split_file}:{number}"
         try:
             clips.append(
-                _read_line(manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map)
+                _read_line(
+                    manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map, files
+                )
             )
         except BadClip as e:
             message = f"{path}:{number}: {e.message} (line: {line!r})"
@@ -308,7 +349,9 @@ def read_split(
     return clips
 
 
-def _read_line(manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map) -> ClipSpec:
+def _read_line(
+    manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map, files
+) -> ClipSpec:
     parts = line.split(" ")
     if len(parts) != 3 or not all(parts):
         raise BadClip(
@@ -333,43 +376,44 @@ def _read_line(manual_dir, line, source, face_boxes, body_boxes, seen, prefix_ma
     )
     if not folder.is_dir():
         raise BadClip("missing_frames_dir", f"frames folder {folder} not found")
-    files = _frame_files(folder)
-    if not files:
+    frame_files = _frame_files(folder)
+    if not frame_files:
         raise BadClip("empty_frames_dir", f"frames folder {folder} holds no image files")
-    if len(files) != num_frames:
+    if len(frame_files) != num_frames:
         raise BadClip(
             "num_frames_mismatch",
-            f"the line says {num_frames} frames but {folder} holds {len(files)} image files",
+            f"the line says {num_frames} frames but {folder} holds {len(frame_files)} image files",
         )
     clip_faces = face_boxes.get(frames_dir, {})
     if not isinstance(clip_faces, dict):
         raise BadClip(
             "bad_box",
-            f"{FACE_BOXES_FILE}[{frames_dir!r}]: expected {{frame_file: [l, u, r, b]}}, "
+            f"{files.face_boxes}[{frames_dir!r}]: expected {{frame_file: [l, u, r, b]}}, "
             f"got {type(clip_faces).__name__}",
         )
     faces = {}
     for name, value in clip_faces.items():
         if value is None:  # an explicit miss
             continue
-        faces[name] = _as_box(value, f"{FACE_BOXES_FILE}[{frames_dir!r}][{name!r}]")
+        faces[name] = _as_box(value, f"{files.face_boxes}[{frames_dir!r}][{name!r}]")
     body = body_boxes.get(frames_dir)
     if body is not None:
-        body = _as_box(body, f"{BODY_BOXES_FILE}[{frames_dir!r}]")
+        body = _as_box(body, f"{files.body_boxes}[{frames_dir!r}]")
     return ClipSpec(
         video_id=frames_dir,
         frames_path=str(folder),
-        frame_files=files,
+        frame_files=frame_files,
         label=label - 1,
         source=source,
         line=line,
         face_boxes=faces,
         body_box=body,
+        files=files,
     )
 
 
-def read_boxes(manual_dir: epath.Path) -> tuple[dict, dict]:
-    return _read_json(manual_dir / FACE_BOXES_FILE), _read_json(manual_dir / BODY_BOXES_FILE)
+def read_boxes(manual_dir: epath.Path, files: LayoutFiles = LayoutFiles()) -> tuple[dict, dict]:
+    return _read_json(manual_dir / files.face_boxes), _read_json(manual_dir / files.body_boxes)
 
 
 def carve_validation(clips: list[ClipSpec], fraction: float, seed: int):
