@@ -211,14 +211,23 @@ def test_any_image_format_and_the_built_frames(tmp_path):
     im = Image.open(manual / "clips/a04/000002.jpg")
     im.save(manual / "clips/a04/000002.bmp")
     (manual / "clips/a04/000002.jpg").unlink()
-    rewrite(manual / "face_boxes.json", '"000002.jpg": [\n   15', '"000002.bmp": [\n   15')
     (manual / "clips/a04/notes.txt").write_text("not a frame")
+    grey = Image.open(manual / "clips/b01/000001.jpg").convert("L")
+    (manual / "clips/b01/000001.jpg").unlink()
+    grey.save(manual / "clips/b01/000001.png")  # greyscale PNG: stored as RGB
+    boxes = json.loads((manual / "face_boxes.json").read_text())
+    boxes["clips/b01"]["000001.png"] = boxes["clips/b01"].pop("000001.jpg")
+    boxes["clips/a04"]["000002.bmp"] = boxes["clips/a04"].pop("000002.jpg")
+    (manual / "face_boxes.json").write_text(json.dumps(boxes))
     b = build(manual, tmp_path / "d")
     ds = tfds.data_source("raer/64px", split="train", data_dir=str(tmp_path / "d"))
     ex = {ds[i]["video_id"]: ds[i] for i in range(len(ds))}
     assert ex[b"clips/a04"]["num_frames"] == 3 and all(ex[b"clips/a04"]["face_box_found"])
     assert list(ex[b"clips/a01"]["face_box_found"]) == [True, False, True]
     assert b.info.metadata["statistics"]["train"]["clips_without_body_box"] == 1
+    test = tfds.data_source("raer/64px", split="test", data_dir=str(tmp_path / "d"))
+    b01 = next(test[i] for i in range(len(test)) if test[i]["video_id"] == b"clips/b01")
+    assert all(b01["face_box_found"]) and np.asarray(b01["face"]).shape == (2, 64, 64, 3)
 
 
 def test_cli_build(tmp_path, capsys):
