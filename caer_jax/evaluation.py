@@ -36,13 +36,19 @@ def eval_step(params: Any, batch: dict, *, model, streams: str) -> dict:
     }
 
 
-def predict_split(params: Any, model, config: ml_collections.ConfigDict, split: str, mesh) -> dict:
-    """Class probabilities, labels and record indices of every clip of `split`, once each."""
-    step_fn = jax.jit(
+def make_eval_step(model, config: ml_collections.ConfigDict, mesh, params: Any):
+    """The jitted eval step for `params`' layout on `mesh` (build once, call every epoch)."""
+    return jax.jit(
         functools.partial(eval_step, model=model, streams=config.model.streams),
         in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
+
+
+def predict_split(
+    step_fn, params: Any, config: ml_collections.ConfigDict, split: str, mesh
+) -> dict:
+    """Class probabilities, labels and record indices of every clip of `split`, once each."""
     outputs = []
     batches = pipeline.eval_batches(
         config, split, process_index=jax.process_index(), process_count=jax.process_count()
@@ -56,9 +62,10 @@ def predict_split(params: Any, model, config: ml_collections.ConfigDict, split: 
     return {k: v[order] for k, v in result.items()}
 
 
-def evaluate(params: Any, model, config: ml_collections.ConfigDict, split: str, mesh) -> dict:
-    """WAR, UAR, per-class recall and confusion matrix of `params` on `split`."""
-    predictions = predict_split(params, model, config, split, mesh)
+def evaluate(step_fn, params: Any, config: ml_collections.ConfigDict, split: str, mesh) -> dict:
+    """WAR, UAR, per-class recall and confusion matrix of `params` on `split` (with `step_fn`
+    from make_eval_step)."""
+    predictions = predict_split(step_fn, params, config, split, mesh)
     cm = metrics.confusion_matrix(
         predictions["label"], predictions["probs"].argmax(-1), len(CLASS_NAMES)
     )
@@ -100,7 +107,8 @@ def evaluate_checkpoint(
     ckpts.close()
     logging.info("restored step %d from %s", resolved, ckpts.directory)
 
-    summary = evaluate(restored.params, model, config, split, mesh)
+    step_fn = make_eval_step(model, config, mesh, restored.params)
+    summary = evaluate(step_fn, restored.params, config, split, mesh)
     predictions = summary.pop("predictions")
     summary.update(
         split=split,

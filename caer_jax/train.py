@@ -126,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+    eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
 
     start_step = int(jax.device_get(state.step))
@@ -179,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             epoch_losses.append(step_metrics["loss"])
 
         eval_metrics = evaluation.evaluate(
-            state.params, model, config, config.train.selection_split, mesh
+            eval_fn, state.params, config, config.train.selection_split, mesh
         )
         train_loss = float(np.mean(jax.device_get(epoch_losses)))
         history.append(
