@@ -208,13 +208,14 @@ def test_init_params_loads_source_into_caer(tmp_path):
     cfg.clip.source = str(tmp_path)
     cfg.prompt.text_type = "class_names"
     cfg.prompt.n_ctx = 4
-    net, _ = caer.build_model(cfg, tokenizer=tokenizer_lib.offline_tokenizer())
+    tok = tokenizer_lib.offline_tokenizer()
+    net, _ = caer.build_model(cfg, tokenizer=tok)
     params = caer.init_params(net, cfg, jax.random.key(0), num_frames=2)
     loaded = clip_weights.load_clip_params(tmp_path, geometry)
     for ours, theirs in (("image_encoder", "visual"), ("text_encoder", "text")):
         jax.tree_util.tree_map(np.testing.assert_array_equal, params[ours], loaded[theirs])
     cfg.clip.embed_dim = 32
-    net, _ = caer.build_model(cfg, tokenizer=tokenizer_lib.offline_tokenizer())
+    net, _ = caer.build_model(cfg, tokenizer=tok)
     with pytest.raises(clip_weights.WeightsError, match="embed_dim: config 32 vs weights 40"):
         caer.init_params(net, cfg, jax.random.key(0), num_frames=2)
 

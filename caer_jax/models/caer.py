@@ -88,8 +88,8 @@ class TemporalBlock(nn.Module):
 class TemporalTransformer(nn.Module):
     """Frame features [B, T, D] -> clip feature [B, D] (the output at a learned CLS token).
 
-    `cls_token` [1, 1, D] and `pos_embedding` [1, T+1, D] are initialised N(0, 1); T is fixed by
-    the clip length seen at init.
+    `cls_token` [1, 1, D] and `pos_embedding` [1, T+1, D] are initialised N(0, init_std**2)
+    (the authors: std 1); T is fixed by the clip length seen at init.
     """
 
     depth: int
@@ -98,6 +98,7 @@ class TemporalTransformer(nn.Module):
     mlp_dim: int
     dropout: float
     dtype: Any = jnp.float32
+    init_std: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -108,8 +109,8 @@ class TemporalTransformer(nn.Module):
                 raise ValueError(
                     f"{self.name}: pos_embedding holds {held} frames but the clip has {t}"
                 )
-        cls = self.param("cls_token", nn.initializers.normal(1.0), (1, 1, d))
-        pos = self.param("pos_embedding", nn.initializers.normal(1.0), (1, t + 1, d))
+        cls = self.param("cls_token", nn.initializers.normal(self.init_std), (1, 1, d))
+        pos = self.param("pos_embedding", nn.initializers.normal(self.init_std), (1, t + 1, d))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)
         for i in range(self.depth):
@@ -184,6 +185,7 @@ class CLIPCAER(nn.Module):
     temporal_head_dim: int = 64
     temporal_mlp_dim: int = 1024
     temporal_dropout: float = 0.1
+    temporal_init_std: float = 1.0
     logit_scale: float = 100.0
     dtype: Any = jnp.float32
     remat: bool = False
@@ -219,6 +221,7 @@ class CLIPCAER(nn.Module):
             self.temporal_mlp_dim,
             self.temporal_dropout,
             self.dtype,
+            self.temporal_init_std,
         )
         if self.streams in ("face", "both"):
             self.temporal_face = temporal()
@@ -324,6 +327,7 @@ def build_model(
         temporal_head_dim=model_cfg.temporal.head_dim,
         temporal_mlp_dim=model_cfg.temporal.mlp_dim,
         temporal_dropout=model_cfg.temporal.dropout,
+        temporal_init_std=model_cfg.temporal.init_std,
         logit_scale=model_cfg.logit_scale,
         dtype=clip_lib.dtype_from_name(model_cfg.dtype),
         remat=model_cfg.remat,
@@ -351,17 +355,15 @@ def init_params(
             "init_params needs the clip length: pass num_frames=config.data.num_segments "
             "(or build_model(..., num_frames=...))"
         )
-    x = dummy_clip(model, t)
-    params = jax.jit(lambda r: model.init(r, x, x, train=False)["params"])(rng)
-    if model_cfg.clip.source != "random":
+    clip_params = None
+    if model_cfg.clip.source != "random":  # read (and check) the weights before any compute
         from caer_jax.models import clip_weights
 
         clip_params = clip_weights.load_clip_params(model_cfg.clip.source, model.geometry)
+    x = dummy_clip(model, t)
+    params = jax.jit(lambda r: model.init(r, x, x, train=False)["params"])(rng)
+    if clip_params is not None:
         params = dict(params)
-        params["image_encoder"] = clip_weights.merge_checked(
-            params["image_encoder"], clip_params["visual"], "image_encoder"
-        )
-        params["text_encoder"] = clip_weights.merge_checked(
-            params["text_encoder"], clip_params["text"], "text_encoder"
-        )
+        for ours, theirs in (("image_encoder", "visual"), ("text_encoder", "text")):
+            params[ours] = clip_weights.merge_checked(params[ours], clip_params[theirs], ours)
     return params
