@@ -335,3 +335,14 @@ def test_hf_parity_b32_widths_two_layers(tmp_path):
     params = clip_weights.load_clip_params(tmp_path, B32_2L)
     rel = _assert_parity(_ours(params, B32_2L, pixels, ids, ref[3]), ref[:3], 1e-5)
     print("B/32-width parity max|d|/max|ref| (image, text, logits):", rel)
+
+
+def test_hub_id_without_network_says_what_to_do(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(clip_weights.WeightsError, match="without a network, pass a local folder"):
+        clip_weights.load_clip_weights("openai/clip-vit-base-patch32")

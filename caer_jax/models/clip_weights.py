@@ -442,22 +442,21 @@ def load_clip_weights(source: str | os.PathLike) -> tuple[dict, CLIPGeometry]:
 
 
 def _download(repo_id: str) -> Path:
+    """Fetch config, tokenizer and safetensors weights (else pytorch_model.bin) of a hub id."""
     from huggingface_hub import snapshot_download
 
+    common = [
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer*.json",
+        "special_tokens_map.json",
+    ]
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=[
-                    "config.json",
-                    "model.safetensors",
-                    "vocab.json",
-                    "merges.txt",
-                    "tokenizer*.json",
-                    "special_tokens_map.json",
-                ],
-            )
-        )
+        folder = Path(snapshot_download(repo_id, allow_patterns=common + ["model.safetensors"]))
+        if not (folder / "model.safetensors").exists():
+            folder = Path(snapshot_download(repo_id, allow_patterns=common + ["pytorch_model.bin"]))
+        return folder
     except Exception as e:  # noqa: BLE001 - any hub failure gets the same explanation
         raise WeightsError(
             f"could not download the Hugging Face CLIP {repo_id!r} ({type(e).__name__}: {e}); "
