@@ -8,6 +8,7 @@ import math
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,7 +333,11 @@ def test_cli_writes_a_checkpoint_that_restores(tmp_path):
     abstract = state_lib.abstract_state(model, config, steps_per_epoch=1)
     ckpts = checkpoint.Checkpoints(tmp_path / "run", read_only=True)
     step = ckpts.resolve_step("latest")
-    state, saved_config, meta = ckpts.restore(step, abstract)
+    restored = ckpts.restore(step, abstract)
+    state, meta = restored[0], restored[-1]
+    saved_config = ckpts.manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+    ).config
     ckpts.close()
     assert step == 0 and meta["epoch"] == 0 and "official" in meta["protocol"]
     assert saved_config["model"]["clip"]["vision_width"] == 64
