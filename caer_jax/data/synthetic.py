@@ -304,7 +304,7 @@ def _draw_desk_object(
 
 
 def _draw_phone(d: ImageDraw.ImageDraw, x: float, y: float, s: float, lit: bool, lying: bool):
-    w, h = (20 * s, 10 * s) if lying else (13 * s, 22 * s)
+    w, h = (20 * s, 10 * s) if lying else (17 * s, 28 * s)
     d.rectangle((x - w / 2, y - h / 2, x + w / 2, y + h / 2), fill=(15, 15, 20))
     screen = (150, 235, 255) if lit else (45, 55, 70)
     m = 2 * s
@@ -458,7 +458,7 @@ def _render_clip(job: tuple) -> dict[str, Any]:
                 hx = cx0 + side * (fw / 2 + 36 * s)
                 hy = cy0 + 0.25 * fh
                 d.line((hx, desk_top + 4 * s, hx, hy), fill=shirt, width=int(9 * s))
-                held = _draw_phone(d, hx, hy - 10 * s, s, lit=True, lying=False)
+                held = _draw_phone(d, hx, hy - 12 * s, s, lit=True, lying=False)
                 held_phone.append([round(v, 2) for v in held])
                 grow(held)
             elif plan["hand_chin"] and hs == side:
