@@ -325,6 +325,7 @@ def main_convert(
         "protocol": f"converted from the official checkpoint {os.fspath(official)}",
         "metrics": None,
         "history": [],
+        "skipped_nonfinite_steps": 0,
         "converted_from": os.fspath(official),
     }
     write_checkpoint(params, config, workdir, meta)
