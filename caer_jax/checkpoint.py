@@ -7,16 +7,52 @@ shardings, so a checkpoint written on one mesh restores onto any other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from caer_jax.state import TrainState
 
 SELECTION_METRIC = "uar"
+# Config fields that fix the shapes or meaning of the saved state: restoring under a config that
+# differs in any of them is refused.
+COMPATIBILITY_KEYS = ("model", "data.num_segments", "data.image_size")
+# Fields of those that may differ (they change how the state is used, not what it is).
+COMPATIBILITY_EXEMPT = ("model.clip.source", "model.dtype", "model.remat", "model.temporal.dropout")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint was written under a config with other shapes or classes."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: Path) -> None:
+    """Raises IncompatibleCheckpointError naming the first config field that differs."""
+    ours, theirs = _flatten(config.to_dict()), _flatten(saved)
+    for name in sorted(set(ours) | set(theirs)):
+        if not name.startswith(COMPATIBILITY_KEYS) or name.startswith(COMPATIBILITY_EXEMPT):
+            continue
+        if ours.get(name) != theirs.get(name):
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} was written with config.{name}={theirs.get(name)!r}, "
+                f"the config now has {ours.get(name)!r}"
+            )
 
 
 def _selection_metric(metrics: dict) -> float:
@@ -44,7 +80,7 @@ class Checkpoints:
             create=not read_only,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "config", "meta"), options=options
+            self.directory, item_names=("state", "data", "config", "meta"), options=options
         )
 
     def save(
@@ -54,15 +90,20 @@ class Checkpoints:
         config: ml_collections.ConfigDict,
         meta: dict,
         metrics: dict | None = None,
+        data_iterator: grain.DatasetIterator | None = None,
     ) -> None:
+        """Saves asynchronously; with `data_iterator` also its position (exact resume)."""
         step = int(jax.device_get(state.step))
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(config.to_dict()),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config.to_dict()),
-                meta=ocp.args.JsonSave(meta),
-            ),
+            args=ocp.args.Composite(**items),
             metrics=metrics,
             force=True,
         )
@@ -83,17 +124,50 @@ class Checkpoints:
             )
         return step
 
-    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict, dict]:
-        """The state at `step` laid out like `target` (ShapeDtypeStructs with shardings)."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                config=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored.state, restored.config, restored.meta
+    def restore(
+        self,
+        step: int,
+        target: TrainState,
+        *,
+        config: ml_collections.ConfigDict | None = None,
+        data_iterator: grain.DatasetIterator | None = None,
+    ) -> tuple[TrainState, dict]:
+        """The state at `step` laid out like `target` (ShapeDtypeStructs with shardings) and the
+        checkpoint's metadata. With `config`, refuses an incompatible checkpoint; with
+        `data_iterator`, moves that iterator to the saved position."""
+        where = self.directory / str(step)
+        if config is not None:
+            saved = self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            )
+            check_compatible(saved.config, config, where)
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, restored.meta
+
+    def restore_newest_intact(self, restore_fn: Callable[[int], Any]) -> tuple[int, Any] | None:
+        """`(step, restore_fn(step))` for the newest step that restores, skipping (and saying so)
+        newer ones that are damaged; None when there are no checkpoints at all."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return step, restore_fn(step)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as error:  # noqa: BLE001  (tensorstore/orbax raise many types)
+                logging.warning(
+                    "checkpoint %s cannot be restored (%s: %s); trying the previous one",
+                    self.directory / str(step),
+                    type(error).__name__,
+                    str(error)[:300],
+                )
+        if steps:
+            raise RuntimeError(
+                f"none of the checkpoints {steps} in {self.directory} can be restored"
+            )
+        return None
 
     def metadata(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

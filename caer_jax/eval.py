@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from caer_jax import distributed, evaluation
+from caer_jax import distributed, evaluation, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
@@ -22,6 +22,7 @@ def run(argv=()) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required")
+    logs.quiet_library_logs()
     distributed.initialize()
     config = _CONFIG.value
     summary = evaluation.evaluate_checkpoint(

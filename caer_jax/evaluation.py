@@ -103,7 +103,7 @@ def evaluate_checkpoint(
     # The optimizer state is restored too (it is part of the saved pytree) and then dropped.
     abstract = state_lib.abstract_state(model, config, pipeline.steps_per_epoch(config))
     target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
-    restored, _, meta = ckpts.restore(resolved, target)
+    restored, meta = ckpts.restore(resolved, target, config=config)
     ckpts.close()
     logging.info("restored step %d from %s", resolved, ckpts.directory)
 

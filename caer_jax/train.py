@@ -8,6 +8,7 @@ checkpoint; the best checkpoint by UAR is evaluated on the test split at the end
 from __future__ import annotations
 
 import functools
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 
-from caer_jax import checkpoint, distributed, evaluation, metrics, optim, sharding
+from caer_jax import checkpoint, distributed, evaluation, logs, metrics, optim, sharding
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
@@ -50,7 +52,12 @@ def train_step(
     dropout_rng: jax.Array,
     streams: str,
 ) -> tuple[state_lib.TrainState, dict]:
-    """One SGD step on a global batch; returns the new state and the batch's loss and accuracy."""
+    """One optimizer step on a global batch; returns the new state and the batch's metrics.
+
+    A step whose loss or gradient is not finite leaves parameters and optimizer state as they
+    were (the step counter still advances, keeping it aligned with the data); `finite` in the
+    metrics tells the host, which stops or counts it (config.train.skip_nonfinite).
+    """
     rng = jax.random.fold_in(dropout_rng, state.step)
     face, context = stream_inputs(batch, streams)
 
@@ -61,12 +68,44 @@ def train_step(
         return cross_entropy(logits, batch["label"]), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep_if_bad, params, state.params),
+        opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
+    )
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    grad_norm = optax.global_norm(grads)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
+
+
+class PreemptionWatch:
+    """Tells every process, at the same step, that the job was asked to stop (SIGTERM).
+
+    With several processes jax.distributed's preemption service agrees on the step; a single
+    process watches the signal itself.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._multi = jax.process_count() > 1
+        if not self._multi:
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self) -> None:
+        if not self._multi:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _log_param_groups(params: Any, optim_config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -77,19 +116,31 @@ def _log_param_groups(params: Any, optim_config: ml_collections.ConfigDict, work
         (workdir / "param_groups.txt").write_text("\n".join(lines) + "\n")
 
 
-def _meta(config: ml_collections.ConfigDict, epoch: int, eval_metrics: dict | None) -> dict:
+def _meta(config: ml_collections.ConfigDict, epoch: int, history: list, nonfinite: int) -> dict:
     return {
         "epoch": epoch,
         "selection_split": config.train.selection_split,
         "protocol": "authors (best epoch by test UAR)"
         if config.train.selection_split == "test"
         else "validation (best epoch by validation UAR)",
-        "metrics": eval_metrics,
+        "history": history,
+        "skipped_nonfinite_steps": nonfinite,
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains CLIP-CAER as `config` says; returns the test metrics of the best checkpoint."""
+def _nonfinite_error(config, step: int, host_batch: dict, step_metrics: dict) -> FloatingPointError:
+    ids = pipeline.video_ids(config, config.data.train_split)
+    clips = [ids[i] for i in host_batch["index"]]
+    return FloatingPointError(
+        f"non-finite loss ({step_metrics['loss']}) or gradient norm ({step_metrics['grad_norm']}) "
+        f"at step {step}; clips of this process's batch: {clips}. The last checkpoint is "
+        f"untouched; set config.train.skip_nonfinite=True to skip such steps instead."
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
+    """Trains CLIP-CAER as `config` says; returns the test metrics of the best checkpoint, or
+    None when the run was preempted (it then saved a checkpoint to resume from)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     prepare.prepare_data(config)
@@ -100,22 +151,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch = pipeline.steps_per_epoch(config)
     total_steps = steps_per_epoch * config.train.num_epochs
 
-    rng = jax.random.key(config.seed)
-    init_rng, dropout_rng = jax.random.split(rng)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     abstract = state_lib.abstract_state(model, config, steps_per_epoch)
     state_shardings = sharding.tree_shardings(abstract, mesh)
     tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
-    if ckpts.manager.latest_step() is not None:
-        step = ckpts.manager.latest_step()
-        state, _, meta = ckpts.restore(step, checkpoint.with_shardings(abstract, state_shardings))
-        history = meta.get("history", [])
-        logging.info("resumed from step %d (epoch %d) in %s", step, meta["epoch"], ckpts.directory)
-    else:
+    def new_iterator(start_epoch: int):
+        return pipeline.train_iterator(
+            config,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            start_epoch=start_epoch,
+        )
+
+    target = checkpoint.with_shardings(abstract, state_shardings)
+
+    def restore(step: int):
+        # At an epoch boundary the data order is a function of the epoch alone (any topology);
+        # mid-epoch the saved iterator position is restored (same process count).
+        if step % steps_per_epoch == 0:
+            state, meta = ckpts.restore(step, target, config=config)
+            return state, meta, new_iterator(step // steps_per_epoch)
+        train_iter = new_iterator(0)
+        state, meta = ckpts.restore(step, target, config=config, data_iterator=train_iter)
+        return state, meta, train_iter
+
+    resumed = ckpts.restore_newest_intact(restore)
+    if resumed is None:
         params = caer.init_params(model, config.model, init_rng)
         state = jax.device_put(state_lib.create(params, tx), state_shardings)
-        history = []
+        history, nonfinite = [], 0
+        train_iter = new_iterator(0)
+    else:
+        resume_step, (state, meta, train_iter) = resumed
+        history, nonfinite = meta["history"], meta["skipped_nonfinite_steps"]
+        logging.info("resumed from step %d in %s", resume_step, ckpts.directory)
     _log_param_groups(state.params, config.optim, workdir)
 
     step_fn = jax.jit(
@@ -128,18 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
     eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+    preemption = PreemptionWatch()
 
     start_step = int(jax.device_get(state.step))
-    if start_step % steps_per_epoch:
-        raise ValueError(f"checkpoint step {start_step} is not at an epoch boundary")
-    first_epoch = start_step // steps_per_epoch
-    train_iter = pipeline.train_iterator(
-        config,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        start_epoch=first_epoch,
-    )
     logging.info(
         "training %d epochs x %d steps (global batch %d) from step %d",
         config.train.num_epochs,
@@ -148,74 +211,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         start_step,
     )
     t_start = time.time()
-    step = start_step
-    for epoch in range(first_epoch, config.train.num_epochs):
-        epoch_losses = []
-        for _ in range(steps_per_epoch):
-            batch = pipeline.global_batch(next(train_iter), mesh)
-            state, step_metrics = step_fn(state, batch)
-            step += 1
-            if step % config.train.log_every_steps == 0 or step == total_steps:
-                step_metrics = jax.device_get(step_metrics)
-                if not np.isfinite(step_metrics["loss"]):
-                    raise FloatingPointError(
-                        f"non-finite loss {step_metrics['loss']} at step {step}"
-                    )
-                elapsed = time.time() - t_start
-                rate = (step - start_step) / elapsed
-                logging.info(
-                    "step %d/%d epoch %d loss %.4f acc %.3f | %.2f steps/s %.1f clips/s ETA %.0fs",
-                    step,
-                    total_steps,
-                    epoch + 1,
-                    step_metrics["loss"],
-                    step_metrics["accuracy"],
-                    rate,
-                    rate * config.train.batch_size,
-                    (total_steps - step) / rate,
-                )
-                if writer:
-                    for key, value in step_metrics.items():
-                        writer.add_scalar(f"train/{key}", float(value), step)
-            epoch_losses.append(step_metrics["loss"])
+    epoch_losses: list[float] = []
+    preempted = False
+    for step in range(start_step + 1, total_steps + 1):
+        host_batch = next(train_iter)
+        state, step_metrics = step_fn(state, pipeline.global_batch(host_batch, mesh))
+        step_metrics = jax.device_get(step_metrics)
+        if not step_metrics["finite"]:
+            if not config.train.skip_nonfinite:
+                raise _nonfinite_error(config, step, host_batch, step_metrics)
+            nonfinite += 1
+            logging.warning("skipped non-finite step %d (%d so far)", step, nonfinite)
+        else:
+            epoch_losses.append(float(step_metrics["loss"]))
+        epoch = (step - 1) // steps_per_epoch + 1
+        if step % config.train.log_every_steps == 0 or step == total_steps:
+            rate = (step - start_step) / (time.time() - t_start)
+            logging.info(
+                "step %d/%d epoch %d loss %.4f acc %.3f | %.2f steps/s %.1f clips/s ETA %.0fs",
+                step,
+                total_steps,
+                epoch,
+                step_metrics["loss"],
+                step_metrics["accuracy"],
+                rate,
+                rate * config.train.batch_size,
+                (total_steps - step) / rate,
+            )
+            if writer:
+                for key in ("loss", "accuracy", "grad_norm"):
+                    writer.add_scalar(f"train/{key}", float(step_metrics[key]), step)
 
-        eval_metrics = evaluation.evaluate(
-            eval_fn, state.params, config, config.train.selection_split, mesh
-        )
-        train_loss = float(np.mean(jax.device_get(epoch_losses)))
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": train_loss,
-                "split": config.train.selection_split,
-                "uar": eval_metrics["uar"],
-                "war": eval_metrics["war"],
-            }
-        )
-        logging.info(
-            "epoch %d: train loss %.4f, %s UAR %.2f WAR %.2f",
-            epoch + 1,
-            train_loss,
-            config.train.selection_split,
-            eval_metrics["uar"],
-            eval_metrics["war"],
-        )
-        if writer:
-            writer.add_scalar(f"{config.train.selection_split}/uar", eval_metrics["uar"], step)
-            writer.add_scalar(f"{config.train.selection_split}/war", eval_metrics["war"], step)
-            writer.flush()
-            metrics.plot_curves(history, workdir / "curves.png")
-        meta = _meta(config, epoch + 1, {"uar": eval_metrics["uar"], "war": eval_metrics["war"]})
-        meta["history"] = history
-        ckpts.save(state, config=config, meta=meta, metrics={"uar": eval_metrics["uar"]})
+        eval_metrics = None
+        if step % steps_per_epoch == 0:
+            eval_metrics = evaluation.evaluate(
+                eval_fn, state.params, config, config.train.selection_split, mesh
+            )
+            history.append(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+                    "split": config.train.selection_split,
+                    "uar": eval_metrics["uar"],
+                    "war": eval_metrics["war"],
+                }
+            )
+            epoch_losses = []
+            logging.info(
+                "epoch %d: train loss %.4f, %s UAR %.2f WAR %.2f",
+                epoch,
+                history[-1]["train_loss"],
+                config.train.selection_split,
+                eval_metrics["uar"],
+                eval_metrics["war"],
+            )
+            if writer:
+                split = config.train.selection_split
+                writer.add_scalar(f"{split}/uar", eval_metrics["uar"], step)
+                writer.add_scalar(f"{split}/war", eval_metrics["war"], step)
+                writer.flush()
+                metrics.plot_curves(history, workdir / "curves.png")
+        preempted = preemption.reached(step)
+        every = config.train.checkpoint_every_steps
+        if eval_metrics is not None or preempted or (every and step % every == 0):
+            ckpts.save(
+                state,
+                config=config,
+                meta=_meta(config, epoch, history, nonfinite),
+                metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
+                data_iterator=train_iter,
+            )
+        if preempted:
+            logging.warning("preempted: saved step %d; the next start resumes from it", step)
+            break
 
     ckpts.wait()
-    best_step = ckpts.resolve_step("best")
-    logging.info("best checkpoint: step %d", best_step)
     ckpts.close()
+    preemption.close()
+    train_iter.close()
     if writer:
         writer.close()
+    if preempted:
+        return None
     return evaluation.evaluate_checkpoint(
         config, workdir, step="best", split=config.data.eval_split
     )
@@ -226,8 +304,12 @@ def run(argv=()) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required")
+    logs.quiet_library_logs()
     distributed.initialize()
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if results is None:
+        print(f"preempted; run the same command again to resume from {_WORKDIR.value}")
+        return
     print(f"test UAR {results['uar']:.2f} WAR {results['war']:.2f} (workdir {_WORKDIR.value})")
 
 

@@ -39,6 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params and optimizer state stay float32
     c.model.remat = False
     c.model.logit_scale = 100.0  # logits = cos / 0.01
+    c.model.pixel_normalization = "none"  # the authors': [0, 1] pixels; "clip": CLIP mean/std
     c.model.clip = ml_collections.ConfigDict()
     # "random" (geometry below, offline tokenizer), a Hugging Face hub id or folder,
     # a flax_model.msgpack, or an OpenAI CLIP .pt/.pth state dict.
@@ -66,6 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.temporal.head_dim = 64
     c.model.temporal.mlp_dim = 1024
     c.model.temporal.dropout = 0.1
+    c.model.temporal.init_std = 1.0  # cls_token and pos_embedding ~ N(0, init_std^2)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # sgd (the authors') | adamw
@@ -88,7 +90,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Model selection: "test" is the authors' protocol (best epoch by test UAR); "validation"
     # selects on the builder's validation split and reports test at that checkpoint.
     c.train.selection_split = "test"
-    c.train.keep_checkpoints = 2
+    c.train.keep_checkpoints = 2  # the latest K; the best by UAR is kept besides
+    c.train.checkpoint_every_steps = 0  # 0: at epoch ends (and on SIGTERM) only
+    c.train.skip_nonfinite = False  # True: skip and count steps with a non-finite loss/gradient
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axis
