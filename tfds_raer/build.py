@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tfds_raer.raer import raer_lib
 
     options, rest = parse_raer_flags(sys.argv[1:] if argv is None else argv)
+    if "-h" in rest or "--help" in rest:
+        print(__doc__)
     parse = cli_utils.make_flags_parser(build.Args, description="tfds build (tfds_raer)")
     args = parse(["tfds_raer.build", *rest])
     logging.set_verbosity(logging.INFO)
