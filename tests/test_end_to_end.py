@@ -92,3 +92,13 @@ def test_training_on_a_missing_dataset_says_how_to_build_it(tmp_path):
     config.data.synthetic.enabled = False
     with pytest.raises(FileNotFoundError, match="tfds build tfds_raer/raer"):
         train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_synthetic_folder_of_another_size_is_not_reused(trained):
+    config, _, _ = trained
+    other = small_config(Path(config.data.synthetic.manual_dir).parent)
+    other.data.synthetic.num_clips = 60
+    with pytest.raises(
+        ValueError, match="holds 40 synthetic clips but config.data.synthetic.num_clips is 60"
+    ):
+        train.train_and_evaluate(other, Path(config.data.synthetic.manual_dir).parent / "other")

@@ -21,7 +21,29 @@ from caer_jax.data import synthetic
 
 def _dataset_exists(config: ml_collections.ConfigDict) -> bool:
     builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
-    return builder.is_prepared()
+    if not builder.is_prepared():
+        return False
+    if config.data.synthetic.enabled:
+        built = sum(split.num_examples for split in builder.info.splits.values())
+        _check_clip_count(built, config, f"{builder.data_dir}")
+    return True
+
+
+def _check_clip_count(found: int, config: ml_collections.ConfigDict, where: str) -> None:
+    # A folder left by a run with another num_clips would otherwise be reused silently.
+    wanted = config.data.synthetic.num_clips
+    if found != wanted:
+        raise ValueError(
+            f"{where} holds {found} synthetic clips but config.data.synthetic.num_clips is "
+            f"{wanted}: delete it, or point config.data.synthetic.manual_dir and "
+            f"config.data.data_dir elsewhere"
+        )
+
+
+def _annotated_clips(manual_dir: Path) -> int:
+    return sum(
+        len((manual_dir / name).read_text().splitlines()) for name in ("train.txt", "test.txt")
+    )
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
