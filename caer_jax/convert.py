@@ -174,6 +174,8 @@ def convert_state_dict(
     ctx = _np(sd["prompt_learner.ctx"]).astype(np.float32, copy=False)
     ids = prompt_token_ids(sd)
     overrides: dict[str, Any] = {f"model.clip.{k}": v for k, v in geometry.__dict__.items()}
+    # The authors feed [0, 1] pixels to CLIP: their weights expect no mean/std normalisation.
+    overrides["model.pixel_normalization"] = "none"
     overrides["model.prompt.n_ctx"] = int(ctx.shape[-2])
     overrides["model.prompt.class_specific"] = ctx.ndim == 3
     has_face, has_ctx = (

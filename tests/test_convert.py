@@ -219,6 +219,7 @@ def test_conversion_parity_with_reference_forward(tmp_path):
     assert overrides["model.prompt.n_ctx"] == N_CTX and overrides["model.prompt.class_specific"]
     assert overrides["data.num_segments"] == T and overrides["model.streams"] == "both"
     assert overrides["model.temporal.mlp_dim"] == MLP
+    assert overrides["model.pixel_normalization"] == "none"  # the authors feed [0, 1] pixels
     got_ids = np.asarray(model.prompt_token_ids)
     np.testing.assert_array_equal(got_ids.argmax(-1), ids.argmax(-1))
     np.testing.assert_array_equal(got_ids[:, 1 + N_CTX :], ids[:, 1 + N_CTX :])
@@ -328,7 +329,8 @@ def test_cli_writes_a_checkpoint_that_restores(tmp_path):
     config = synthetic_tiny.get_config()
     path, sd = _tiny_official(tmp_path, config)
     changed = convert.main_convert(path, config, tmp_path / "run")
-    assert changed == {}  # the tiny config already has the checkpoint's geometry
+    # the tiny config already has the geometry; only the authors' [0, 1] pixel input differs
+    assert changed == {"model.pixel_normalization": ("clip", "none")}
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     abstract = state_lib.abstract_state(model, config, steps_per_epoch=1)
     ckpts = checkpoint.Checkpoints(tmp_path / "run", read_only=True)
