@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from caer_jax.state import TrainState
 
@@ -169,8 +170,13 @@ class Checkpoints:
             )
         return None
 
-    def metadata(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    def _set_aside(self, step: int) -> None:
+        # Renamed rather than deleted (someone may want to look at it); the run will write this
+        # step again.
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(self.directory / f"{step}.damaged")
+        multihost_utils.sync_global_devices(f"caer_jax.checkpoint.set_aside.{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

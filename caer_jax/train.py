@@ -213,85 +213,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     t_start = time.time()
     epoch_losses: list[float] = []
     preempted = False
-    for step in range(start_step + 1, total_steps + 1):
-        host_batch = next(train_iter)
-        state, step_metrics = step_fn(state, pipeline.global_batch(host_batch, mesh))
-        step_metrics = jax.device_get(step_metrics)
-        if not step_metrics["finite"]:
-            if not config.train.skip_nonfinite:
-                raise _nonfinite_error(config, step, host_batch, step_metrics)
-            nonfinite += 1
-            logging.warning("skipped non-finite step %d (%d so far)", step, nonfinite)
-        else:
-            epoch_losses.append(float(step_metrics["loss"]))
-        epoch = (step - 1) // steps_per_epoch + 1
-        if step % config.train.log_every_steps == 0 or step == total_steps:
-            rate = (step - start_step) / (time.time() - t_start)
-            logging.info(
-                "step %d/%d epoch %d loss %.4f acc %.3f | %.2f steps/s %.1f clips/s ETA %.0fs",
-                step,
-                total_steps,
-                epoch,
-                step_metrics["loss"],
-                step_metrics["accuracy"],
-                rate,
-                rate * config.train.batch_size,
-                (total_steps - step) / rate,
-            )
-            if writer:
-                for key in ("loss", "accuracy", "grad_norm"):
-                    writer.add_scalar(f"train/{key}", float(step_metrics[key]), step)
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            host_batch = next(train_iter)
+            state, step_metrics = step_fn(state, pipeline.global_batch(host_batch, mesh))
+            step_metrics = jax.device_get(step_metrics)
+            if not step_metrics["finite"]:
+                if not config.train.skip_nonfinite:
+                    raise _nonfinite_error(config, step, host_batch, step_metrics)
+                nonfinite += 1
+                logging.warning("skipped non-finite step %d (%d so far)", step, nonfinite)
+            else:
+                epoch_losses.append(float(step_metrics["loss"]))
+            epoch = (step - 1) // steps_per_epoch + 1
+            if step % config.train.log_every_steps == 0 or step == total_steps:
+                rate = (step - start_step) / (time.time() - t_start)
+                logging.info(
+                    "step %d/%d epoch %d loss %.4f acc %.3f | %.2f steps/s %.1f clips/s ETA %.0fs",
+                    step,
+                    total_steps,
+                    epoch,
+                    step_metrics["loss"],
+                    step_metrics["accuracy"],
+                    rate,
+                    rate * config.train.batch_size,
+                    (total_steps - step) / rate,
+                )
+                if writer:
+                    for key in ("loss", "accuracy", "grad_norm"):
+                        writer.add_scalar(f"train/{key}", float(step_metrics[key]), step)
 
-        eval_metrics = None
-        if step % steps_per_epoch == 0:
-            eval_metrics = evaluation.evaluate(
-                eval_fn, state.params, config, config.train.selection_split, mesh
-            )
-            history.append(
-                {
-                    "epoch": epoch,
-                    "step": step,
-                    "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
-                    "split": config.train.selection_split,
-                    "uar": eval_metrics["uar"],
-                    "war": eval_metrics["war"],
-                }
-            )
-            epoch_losses = []
-            logging.info(
-                "epoch %d: train loss %.4f, %s UAR %.2f WAR %.2f",
-                epoch,
-                history[-1]["train_loss"],
-                config.train.selection_split,
-                eval_metrics["uar"],
-                eval_metrics["war"],
-            )
-            if writer:
-                split = config.train.selection_split
-                writer.add_scalar(f"{split}/uar", eval_metrics["uar"], step)
-                writer.add_scalar(f"{split}/war", eval_metrics["war"], step)
-                writer.flush()
-                metrics.plot_curves(history, workdir / "curves.png")
-        preempted = preemption.reached(step)
-        every = config.train.checkpoint_every_steps
-        if eval_metrics is not None or preempted or (every and step % every == 0):
-            ckpts.save(
-                state,
-                config=config,
-                meta=_meta(config, epoch, history, nonfinite),
-                metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
-                data_iterator=train_iter,
-            )
-        if preempted:
-            logging.warning("preempted: saved step %d; the next start resumes from it", step)
-            break
-
-    ckpts.wait()
-    ckpts.close()
-    preemption.close()
-    train_iter.close()
-    if writer:
-        writer.close()
+            eval_metrics = None
+            if step % steps_per_epoch == 0:
+                eval_metrics = evaluation.evaluate(
+                    eval_fn, state.params, config, config.train.selection_split, mesh
+                )
+                history.append(
+                    {
+                        "epoch": epoch,
+                        "step": step,
+                        "train_loss": float(np.mean(epoch_losses))
+                        if epoch_losses
+                        else float("nan"),
+                        "split": config.train.selection_split,
+                        "uar": eval_metrics["uar"],
+                        "war": eval_metrics["war"],
+                    }
+                )
+                epoch_losses = []
+                logging.info(
+                    "epoch %d: train loss %.4f, %s UAR %.2f WAR %.2f",
+                    epoch,
+                    history[-1]["train_loss"],
+                    config.train.selection_split,
+                    eval_metrics["uar"],
+                    eval_metrics["war"],
+                )
+                if writer:
+                    split = config.train.selection_split
+                    writer.add_scalar(f"{split}/uar", eval_metrics["uar"], step)
+                    writer.add_scalar(f"{split}/war", eval_metrics["war"], step)
+                    writer.flush()
+                    metrics.plot_curves(history, workdir / "curves.png")
+            preempted = preemption.reached(step)
+            every = config.train.checkpoint_every_steps
+            if eval_metrics is not None or preempted or (every and step % every == 0):
+                ckpts.save(
+                    state,
+                    config=config,
+                    meta=_meta(config, epoch, history, nonfinite),
+                    metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
+                    data_iterator=train_iter,
+                )
+            if preempted:
+                logging.warning("preempted: saved step %d; the next start resumes from it", step)
+                break
+    finally:
+        # Also on errors: writes in flight complete, so the last good checkpoint is on disk.
+        ckpts.wait()
+        ckpts.close()
+        preemption.close()
+        train_iter.close()
+        if writer:
+            writer.close()
     if preempted:
         return None
     return evaluation.evaluate_checkpoint(

@@ -4,6 +4,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,20 +232,27 @@ def test_any_image_format_and_the_built_frames(tmp_path):
     assert all(b01["face_box_found"]) and np.asarray(b01["face"]).shape == (2, 64, 64, 3)
 
 
-def test_cli_build(tmp_path, capsys):
-    from tfds_raer import build as cli
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m tfds_raer.build ARGS` in its own process, as users run it (its flags are
+    process-global, so it cannot share an interpreter with other absl programs)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tfds_raer.build", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
-    cli.main(
-        [
-            str(DUMMY.parent),
-            f"--manual_dir={DUMMY}",
-            f"--data_dir={tmp_path}",
-            "--config=64px",
-        ]
+
+def test_cli_build(tmp_path):
+    result = run_cli(
+        str(DUMMY.parent), f"--manual_dir={DUMMY}", f"--data_dir={tmp_path}", "--config=64px"
     )
     files = {p.name for p in (tmp_path / "raer/64px/1.0.0").iterdir()}
     assert "raer-train.array_record-00000-of-00001" in files
-    assert "[raer/64px] train: 4 clips" in capsys.readouterr().err
+    assert "[raer/64px] train: 4 clips" in result.stderr
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -542,7 +551,7 @@ def test_options_from_cli_flags_and_environment(tmp_path, monkeypatch):
         "path_prefix_map": [["/a", "/b"]],
     }
     assert rest == argv[:3]
-    cli.main([*argv, f"--data_dir={tmp_path / 'cli'}"])
+    run_cli(*argv, f"--data_dir={tmp_path / 'cli'}")
     b = tfds.builder("raer/64px", data_dir=str(tmp_path / "cli"))
     assert b.info.splits["train"].num_examples == 3
     assert b.info.metadata["build_options"]["max_frames"] == 2

@@ -60,7 +60,7 @@ def test_unknown_key_on_the_command_line_is_an_error(tmp_path):
         timeout=300,
     )
     assert result.returncode != 0
-    assert "config.train.batchsize" in result.stderr
+    assert "'batchsize'" in result.stderr and 'Did you mean "batch_size"' in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
