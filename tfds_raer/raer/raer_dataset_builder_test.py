@@ -1,17 +1,8 @@
 """TFDS's standard builder test on the hand-made dummy_data/ (6 clips of 40x30 frames)."""
 
-import importlib.util
-import sys
-import types
+import tensorflow_datasets as tfds
 
-# tfds.testing imports `dill` (for its feature tests only; TFDS's "tests-all" extra). Without it
-# the builder test would not even load, so stand in an empty module when it is missing.
-if importlib.util.find_spec("dill") is None:
-    sys.modules["dill"] = types.ModuleType("dill")
-
-import tensorflow_datasets as tfds  # noqa: E402
-
-from tfds_raer.raer import raer_dataset_builder  # noqa: E402
+from tfds_raer.raer import raer_dataset_builder
 
 
 class RaerDatasetBuilderTest(tfds.testing.DatasetBuilderTestCase):
