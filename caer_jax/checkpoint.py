@@ -159,11 +159,14 @@ class Checkpoints:
                 raise
             except Exception as error:  # noqa: BLE001  (tensorstore/orbax raise many types)
                 logging.warning(
-                    "checkpoint %s cannot be restored (%s: %s); trying the previous one",
+                    "checkpoint %s cannot be restored (%s: %s); moved aside to %s.damaged, "
+                    "trying the previous one",
                     self.directory / str(step),
                     type(error).__name__,
                     str(error)[:300],
+                    step,
                 )
+                self._set_aside(step)
         if steps:
             raise RuntimeError(
                 f"none of the checkpoints {steps} in {self.directory} can be restored"
