@@ -1,18 +1,23 @@
-"""Speed figures: `python -m caer_jax.bench [--config=configs/synthetic_tiny.py] [--out=bench.json]`.
+"""Speed figures: `python -m caer_jax.bench [--out=bench.json] [--skip_paper] [--build_clips=20]`.
 
 Prints and writes (JSON) the measured large-matmul FLOP/s of this machine, and for the tiny and
 the paper geometry (ViT-B/32, 16 frames, two streams): train-step time, clips/s, model FLOPs per
-step from XLA's cost analysis and their ratio to the matmul rate; plus eval clips/s.
-Timings are medians over repeated calls after compilation, with inputs already on device.
+step from XLA's cost analysis and their ratio to the matmul rate, and eval clips/s; the input
+pipeline's clips/s on the embedded default's dataset; and the TFDS builder's rate on synthetic
+clips of RAER-like length (100-300 frames of 640x480), projected to the 2,700 clips of RAER.
+Step timings are medians over repeated calls after compilation, with inputs already on device.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +26,19 @@ from absl import app, flags
 
 from caer_jax import optim, train
 from caer_jax import state as state_lib
+from caer_jax.data import pipeline, prepare, synthetic
 from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
+from tfds_raer.raer import benchmark as build_benchmark
+
+RAER_CLIPS = 2700
 
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file too.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
 _PAPER_BATCH = flags.DEFINE_integer("paper_batch", 8, "Clips per step at the paper geometry.")
 _SKIP_PAPER = flags.DEFINE_bool("skip_paper", False, "Skip the (slow on CPU) ViT-B/32 geometry.")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 40, "Batches timed in the pipeline.")
+_BUILD_CLIPS = flags.DEFINE_integer("build_clips", 12, "RAER-length clips to build (0: skip).")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -98,6 +109,46 @@ def bench_model(
     }
 
 
+def bench_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> dict:
+    """Train-iterator clips/s on the embedded default's dataset (built if missing)."""
+    prepare.prepare_data(config)
+    iterator = pipeline.train_iterator(config, seed=0, process_index=0, process_count=1)
+    next(iterator)  # start-up (and worker start) is not throughput
+    start = time.perf_counter()
+    for batch in itertools.islice(iterator, num_batches):
+        del batch
+    seconds = time.perf_counter() - start
+    iterator.close()
+    clips = num_batches * config.train.batch_size
+    return {
+        "frames_per_clip": config.data.num_segments,
+        "image_size": config.data.image_size,
+        "worker_count": config.data.worker_count,
+        "clips_per_s": clips / seconds,
+    }
+
+
+def bench_build(num_clips: int) -> dict:
+    """Builder rate on RAER-like clips (100-300 frames of 640x480) at the paper's 224 px."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raer"
+        synthetic.generate(
+            raw,
+            num_clips=num_clips,
+            seed=0,
+            width=640,
+            height=480,
+            min_frames=100,
+            max_frames=300,
+            test_fraction=0.2,
+        )
+        rate = build_benchmark.build_rate(
+            raw, config="224px", data_dir=Path(tmp) / "tfds", quiet=True
+        )
+    rate["projected_raer_minutes"] = RAER_CLIPS / rate["clips_per_s"] / 60
+    return rate
+
+
 def run(argv=()) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -123,6 +174,18 @@ def run(argv=()) -> None:
                 f"{100 * r['utilisation_of_matmul_rate']:.0f}% of matmul; "
                 f"eval {r['eval_clips_per_s']:.1f} clips/s"
             )
+    p = results["pipeline"]
+    print(
+        f" pipeline: {p['clips_per_s']:.1f} clips/s ({p['frames_per_clip']} frames of "
+        f"{p['image_size']} px per stream, {p['worker_count']} workers)"
+    )
+    if "build_224px" in results:
+        b = results["build_224px"]
+        print(
+            f"  builder: {b['clips_per_s']:.2f} clips/s, {b['frames_per_s']:.0f} frames/s, "
+            f"{b['write_MB_per_s']:.1f} MB/s written at 224 px; 2,700 RAER clips in about "
+            f"{b['projected_raer_minutes']:.0f} min"
+        )
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(results, f, indent=2)

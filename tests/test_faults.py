@@ -1,0 +1,197 @@
+"""Faults: a killed run resumes to the same parameters, SIGTERM saves at the signal's step, a
+damaged newest checkpoint falls back to the previous one, a non-finite loss stops the run with
+the step and clips named, and an incompatible config is refused."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from caer_jax import checkpoint, sharding
+from caer_jax import state as state_lib
+from caer_jax.data import pipeline, prepare
+from caer_jax.models import caer
+from configs import synthetic_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 4  # 32 train clips / batch 8
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+
+
+def fault_config(root: Path):
+    config = synthetic_tiny.get_config()
+    config.data.data_dir = str(root / "tfds")
+    config.data.synthetic.manual_dir = str(root / "raer")
+    config.data.synthetic.num_clips = 40
+    config.train.num_epochs = 2
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 1
+    config.train.keep_checkpoints = 3
+    config.optim.milestones = (1,)
+    return config
+
+
+def overrides(config) -> list[str]:
+    return [
+        f"--config.data.data_dir={config.data.data_dir}",
+        f"--config.data.synthetic.manual_dir={config.data.synthetic.manual_dir}",
+        "--config.data.synthetic.num_clips=40",
+        "--config.train.num_epochs=2",
+        "--config.train.log_every_steps=1",
+        "--config.train.checkpoint_every_steps=1",
+        "--config.train.keep_checkpoints=3",
+        "--config.optim.milestones=(1,)",
+    ]
+
+
+def start_training(config, workdir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "caer_jax.train",
+            f"--config={REPO / 'configs/synthetic_tiny.py'}",
+            f"--workdir={workdir}",
+            *overrides(config),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while max(saved_steps(workdir), default=0) < step:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+
+
+def final_params(config, workdir: Path, step: int):
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    abstract = state_lib.abstract_state(model, config, STEPS_PER_EPOCH)
+    mesh = sharding.make_mesh(config.mesh)
+    target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    state, meta = ckpts.restore(step, target)
+    ckpts.close()
+    return jax.device_get(state.params), meta
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    config = fault_config(root)
+    prepare.prepare_data(config)
+    workdir = root / "reference"
+    finish(start_training(config, workdir))
+    params, _ = final_params(config, workdir, TOTAL_STEPS)
+    return config, root, params
+
+
+def test_sigkill_then_resume_gives_the_same_parameters(reference):
+    config, root, expected = reference
+    workdir = root / "killed"
+    kill_after = int(np.random.default_rng().integers(2, TOTAL_STEPS - 1))  # mid-epoch or not
+    proc = start_training(config, workdir)
+    wait_for_step(proc, workdir, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(saved_steps(workdir)) < TOTAL_STEPS
+    out = finish(start_training(config, workdir))
+    assert re.search(r"resumed from step \d+", out)
+    params, _ = final_params(config, workdir, TOTAL_STEPS)
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+
+
+def test_sigterm_saves_at_the_signal_step_and_exits_cleanly(reference):
+    config, root, _ = reference
+    workdir = root / "preempted"
+    proc = start_training(config, workdir)
+    wait_for_step(proc, workdir, 2)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert "preempted" in out
+    match = re.search(r"preempted: saved step (\d+)", out)
+    assert match, out[-3000:]
+    assert max(saved_steps(workdir)) == int(match.group(1)) < TOTAL_STEPS
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):
+    config, root, _ = reference
+    workdir = root / "damaged"
+    proc = start_training(config, workdir)
+    wait_for_step(proc, workdir, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = max(saved_steps(workdir))
+    for path in (workdir / "checkpoints" / str(newest) / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
+    out = finish(start_training(config, workdir))
+    assert f"checkpoints/{newest} cannot be restored" in out
+    assert (workdir / "checkpoints" / f"{newest}.damaged").is_dir()
+    assert f"resumed from step {newest - 1}" in out
+
+
+def test_nonfinite_loss_names_the_step_and_keeps_the_last_checkpoint(reference):
+    config, root, _ = reference
+    workdir = root / "nan"
+    proc = start_training(
+        config, workdir, "--config.optim.lr.temporal=1e30", "--config.optim.lr.image_encoder=1e30"
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    match = re.search(
+        r"non-finite loss \S+ or gradient norm \S+ at step (\d+); clips of this "
+        r"process's batch: \[('clips/\d+',? ?)+\]",
+        out,
+    )
+    assert match, out[-3000:]
+    bad_step = int(match.group(1))
+    assert max(saved_steps(workdir), default=0) == bad_step - 1
+    if bad_step > 1:
+        params, _ = final_params(config, workdir, bad_step - 1)
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_incompatible_config_is_refused(reference):
+    config, root, _ = reference
+    other = fault_config(root)
+    other.model.temporal.mlp_dim = 64
+    model, _ = caer.build_model(other.model, num_frames=other.data.num_segments)
+    abstract = state_lib.abstract_state(model, other, STEPS_PER_EPOCH)
+    ckpts = checkpoint.Checkpoints(root / "reference", read_only=True)
+    with pytest.raises(
+        checkpoint.IncompatibleCheckpointError,
+        match="config.model.temporal.mlp_dim=128, the config now has 64",
+    ):
+        ckpts.restore(TOTAL_STEPS, abstract, config=other)
+
+
+def test_steps_per_epoch_is_what_the_tests_assume(reference):
+    config, _, _ = reference
+    assert pipeline.steps_per_epoch(config) == STEPS_PER_EPOCH
