@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -96,6 +97,8 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
     score_ax.set_ylabel(f"{history[0]['split']} score (%)" if history else "score (%)")
     score_ax.set_ylim(0, 100)
     score_ax.legend()
+    for ax in (loss_ax, score_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
