@@ -90,11 +90,12 @@ def bench_model(
     flops = float(cost.get("flops", 0.0))
     step_time = median_seconds(lambda: compiled(state, batch)[1]["loss"], repeats)
 
-    def forward():
+    def forward(params, batch):
         face, context = train.stream_inputs(batch, config.model.streams)
         return model.apply({"params": params}, face, context, train=False)[0]
 
-    eval_time = median_seconds(jax.jit(forward), repeats)
+    forward = jax.jit(forward)
+    eval_time = median_seconds(lambda: forward(params, batch), repeats)
     return {
         "batch_clips": batch_size,
         "frames_per_clip": config.data.num_segments,
