@@ -43,6 +43,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def micro_batches(batch: dict, grad_accum_steps: int) -> dict:
+    """[B, ...] -> [A, B / A, ...]: micro-batch i holds rows i, i + A, i + 2A, ... of the batch.
+
+    Strided rather than contiguous, so that every device's block of rows (the batch is split
+    over the mesh along dim 0) feeds every micro-batch and no rows move between devices.
+    """
+    size = next(iter(batch.values())).shape[0]
+    if size % grad_accum_steps:
+        raise ValueError(
+            f"config.train.grad_accum_steps={grad_accum_steps} does not divide the global "
+            f"batch of {size} clips"
+        )
+    split = lambda x: x.reshape(size // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+    return jax.tree.map(lambda x: jnp.swapaxes(split(x), 0, 1), batch)
+
+
 def train_step(
     state: state_lib.TrainState,
     batch: dict,
@@ -51,23 +67,47 @@ def train_step(
     tx: optax.GradientTransformation,
     dropout_rng: jax.Array,
     streams: str,
+    grad_accum_steps: int = 1,
 ) -> tuple[state_lib.TrainState, dict]:
     """One optimizer step on a global batch; returns the new state and the batch's metrics.
+
+    With grad_accum_steps = A > 1 the batch is cut into A micro-batches of B / A clips
+    (`micro_batches`), run one after another (lax.scan) and their gradients averaged: the
+    update of one batch of B in about 1/A of the activation memory. Dropout keys: the step's key
+    fold_in(dropout_rng, step) with A = 1; fold_in(that key, i) for micro-batch i with A > 1 —
+    so switching accumulation on changes the dropout draws (not their distribution), and a run
+    is reproducible for a given A.
 
     A step whose loss or gradient is not finite leaves parameters and optimizer state as they
     were (the step counter still advances, keeping it aligned with the data); `finite` in the
     metrics tells the host, which stops or counts it (config.train.skip_nonfinite).
     """
     rng = jax.random.fold_in(dropout_rng, state.step)
-    face, context = stream_inputs(batch, streams)
 
-    def loss_fn(params):
+    def loss_fn(params, micro, key):
+        face, context = stream_inputs(micro, streams)
         logits, _ = model.apply(
-            {"params": params}, face, context, train=True, rngs={"dropout": rng}
+            {"params": params}, face, context, train=True, rngs={"dropout": key}
         )
-        return cross_entropy(logits, batch["label"]), logits
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == micro["label"])
+        return cross_entropy(logits, micro["label"]), accuracy
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, accuracy), grads = grad_fn(state.params, batch, rng)
+    else:
+
+        def accumulate(total, xs):
+            micro, i = xs
+            (loss, accuracy), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, total, (grads, loss, accuracy)), None
+
+        zero = jnp.zeros((), jnp.float32)
+        total = (jax.tree.map(jnp.zeros_like, state.params), zero, zero)
+        xs = (micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps))
+        total, _ = jax.lax.scan(accumulate, total, xs)
+        # equal micro-batches: the mean of their means is the batch mean
+        grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps, total)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -78,7 +118,6 @@ def train_step(
         params=jax.tree.map(keep_if_bad, params, state.params),
         opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
     )
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
 
 
@@ -192,7 +231,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     step_fn = jax.jit(
         functools.partial(
-            train_step, model=model, tx=tx, dropout_rng=dropout_rng, streams=config.model.streams
+            train_step,
+            model=model,
+            tx=tx,
+            dropout_rng=dropout_rng,
+            streams=config.model.streams,
+            grad_accum_steps=config.train.grad_accum_steps,
         ),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),

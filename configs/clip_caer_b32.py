@@ -85,6 +85,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 20
     c.train.batch_size = 8  # global, over all hosts and devices
+    # Micro-batches per step: the global batch is run in grad_accum_steps slices whose gradients
+    # are averaged (the same update in 1/grad_accum_steps of the activation memory; dropout
+    # masks are drawn per micro-batch). Must divide batch_size.
+    c.train.grad_accum_steps = 1
     c.train.eval_batch_size = 8
     c.train.log_every_steps = 50
     # Model selection: "test" is the authors' protocol (best epoch by test UAR); "validation"
