@@ -8,6 +8,8 @@ is what is tested, not the input pipeline.
 """
 
 import functools
+import importlib
+import math
 
 import jax
 import ml_collections
@@ -187,3 +189,19 @@ def test_gradient_accumulation_must_divide_the_batch():
     config = scaling_config()
     with pytest.raises(ValueError, match="grad_accum_steps"):
         run_steps(config, (1, 1), fixed_batches(config, 1, 6), grad_accum_steps=4)
+
+
+@pytest.mark.parametrize("name,millions", [("clip_caer_b16", 154), ("clip_caer_l14", 435)])
+def test_large_configs_split_nearly_every_parameter_over_fsdp(name, millions):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert (config.model.dtype, config.model.remat) == ("bfloat16", True)
+    config.model.clip.source = "random"  # the same geometry, without the hub download
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    params = state_lib.abstract_params(model, config)
+    mesh = sharding.make_mesh(config.mesh)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
+    sizes = [math.prod(leaf.shape) for leaf in jax.tree.leaves(params)]
+    specs = [s.spec for s in jax.tree.leaves(sharding.tree_shardings(params, mesh))]
+    assert round(sum(sizes) / 1e6) == millions
+    replicated = sum(n for n, spec in zip(sizes, specs, strict=True) if spec == P())
+    assert replicated < 0.002 * sum(sizes)  # LayerNorms, biases, small embeddings
