@@ -164,6 +164,9 @@ def run(argv=()) -> None:
         results["paper_b32"] = bench_model(
             clip_caer_b32.get_config(), _PAPER_BATCH.value, max(2, _REPEATS.value // 2), peak
         )
+    results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
+    if _BUILD_CLIPS.value:
+        results["build_224px"] = bench_build(_BUILD_CLIPS.value)
     print(f"device {results['device']} x{results['num_devices']}: matmul {peak / 1e9:.1f} GFLOP/s")
     for name in ("tiny", "paper_b32"):
         if name in results:
