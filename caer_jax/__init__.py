@@ -1,1 +1,3 @@
 """CLIP-CAER in JAX/Flax: context-aware academic emotion recognition on RAER."""
+
+__version__ = "0.1.0"

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from caer_jax import optim, train
+from caer_jax import optim, steps
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prepare, synthetic
 from caer_jax.models import caer
@@ -77,7 +77,7 @@ def bench_model(
     }
     step = jax.jit(
         functools.partial(
-            train.train_step,
+            steps.train_step,
             model=model,
             tx=tx,
             dropout_rng=jax.random.key(1),
@@ -91,7 +91,7 @@ def bench_model(
     step_time = median_seconds(lambda: compiled(state, batch)[1]["loss"], repeats)
 
     def forward(params, batch):
-        face, context = train.stream_inputs(batch, config.model.streams)
+        face, context = steps.stream_inputs(batch, config.model.streams)
         return model.apply({"params": params}, face, context, train=False)[0]
 
     forward = jax.jit(forward)

@@ -7,6 +7,8 @@ shardings, so a checkpoint written on one mesh restores onto any other.
 
 from __future__ import annotations
 
+import functools
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+import caer_jax
 from caer_jax.state import TrainState
 
 SELECTION_METRIC = "uar"
@@ -26,6 +29,23 @@ SELECTION_METRIC = "uar"
 COMPATIBILITY_KEYS = ("model", "data.num_segments", "data.image_size")
 # Fields of those that may differ (they change how the state is used, not what it is).
 COMPATIBILITY_EXEMPT = ("model.clip.source", "model.dtype", "model.remat", "model.temporal.dropout")
+
+
+@functools.cache
+def code_version() -> str:
+    """The package version, plus the git commit when the code runs from a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return caer_jax.__version__
+    return f"{caer_jax.__version__}+git.{commit}"
 
 
 class IncompatibleCheckpointError(ValueError):

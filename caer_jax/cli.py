@@ -1,10 +1,13 @@
-"""Log hygiene for the command-line entry points."""
+"""What every command-line entry point does first: argument checks, log hygiene, and joining a
+multi-process job."""
 
 from __future__ import annotations
 
 import logging as py_logging
 
-from absl import logging
+from absl import app, logging
+
+from caer_jax import distributed
 
 # Libraries whose INFO lines (orbax logs every handler registration) drown the training log.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
@@ -20,3 +23,15 @@ class _LibraryInfoFilter(py_logging.Filter):
 def quiet_library_logs() -> None:
     """Keeps warnings and errors of chatty libraries, drops their INFO lines."""
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+
+
+def start(argv, **required_flags) -> None:
+    """Refuses stray arguments and missing required flags (given as name=value), quiets library
+    logs and initialises jax.distributed when the environment describes several processes."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    missing = [f"--{name}" for name, value in required_flags.items() if value is None]
+    if missing:
+        raise app.UsageError(f"{' and '.join(missing)} required")
+    quiet_library_logs()
+    distributed.initialize()

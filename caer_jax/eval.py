@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from caer_jax import distributed, evaluation, logs
+from caer_jax import cli, evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
@@ -18,12 +18,7 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config.
 
 
 def run(argv=()) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None or _CONFIG.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    logs.quiet_library_logs()
-    distributed.initialize()
+    cli.start(argv, config=_CONFIG.value, workdir=_WORKDIR.value)
     config = _CONFIG.value
     summary = evaluation.evaluate_checkpoint(
         config, _WORKDIR.value, step=_STEP.value, split=_SPLIT.value or config.data.eval_split

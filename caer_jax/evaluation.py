@@ -17,29 +17,17 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from caer_jax import checkpoint, metrics, sharding
+from caer_jax import checkpoint, metrics, sharding, steps
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline
 from caer_jax.models import caer
 from caer_jax.prompts import CLASS_NAMES
 
 
-def eval_step(params: Any, batch: dict, *, model, streams: str) -> dict:
-    face = batch["face"] if streams in ("face", "both") else None
-    context = batch["context"] if streams in ("context", "both") else None
-    logits, _ = model.apply({"params": params}, face, context, train=False)
-    return {
-        "probs": jax.nn.softmax(logits, axis=-1),
-        "label": batch["label"],
-        "mask": batch["mask"],
-        "index": batch["index"],
-    }
-
-
 def make_eval_step(model, config: ml_collections.ConfigDict, mesh, params: Any):
     """The jitted eval step for `params`' layout on `mesh` (build once, call every epoch)."""
     return jax.jit(
-        functools.partial(eval_step, model=model, streams=config.model.streams),
+        functools.partial(steps.eval_step, model=model, streams=config.model.streams),
         in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

@@ -272,9 +272,7 @@ def run(argv=()) -> None:
     if len(argv) != 2:
         raise app.UsageError("expected exactly one PATH (a video file or a folder of frames)")
     config, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
-    if workdir is None or config is None:
-        raise app.UsageError("--config and --workdir are required")
-    cli.quiet_library_logs()
+    cli.start(argv[:1], config=config, workdir=workdir)
     try:
         result = predict_clip(config, workdir, argv[1], step=_FLAGS["step"].value)
     except (FileNotFoundError, PredictInputError, checkpoint.IncompatibleCheckpointError) as e:

@@ -2,7 +2,7 @@
 (2, 4) and (1, 8) fake CPU devices give the same losses and parameters (fp32, max |d| <= 1e-5);
 bfloat16 compute stays close to fp32; gradient accumulation gives the same update as one batch.
 
-The steps are train.train_step jitted with each mesh's shardings (sharding.tree_shardings,
+The steps are steps.train_step jitted with each mesh's shardings (sharding.tree_shardings,
 sharding.batch_sharding), as train_and_evaluate does, on fixed random batches: the partitioning
 is what is tested, not the input pipeline.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from caer_jax import optim, sharding, train
+from caer_jax import optim, sharding, steps
 from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import synthetic_tiny
@@ -95,7 +95,7 @@ def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1):
     state = jax.device_put(state, shardings)
     step_fn = jax.jit(
         functools.partial(
-            train.train_step,
+            steps.train_step,
             model=model,
             tx=tx,
             dropout_rng=dropout_rng,
@@ -171,7 +171,7 @@ def test_bfloat16_loss_stays_close_to_float32(fp32_runs):
 def test_gradient_accumulation_gives_the_same_update(monkeypatch):
     config = scaling_config()
     monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", 2**10)
-    config.model.temporal.dropout = 0.0  # accumulation draws other dropout masks (train.py)
+    config.model.temporal.dropout = 0.0  # accumulation draws other dropout masks (steps.py)
     batches = fixed_batches(config, 2, BATCH)
     ref_losses, ref_params, _ = run_steps(config, (1, 1), batches)
     # on an FSDP mesh: the micro-batches are strided slices of every device's rows

@@ -1,0 +1,116 @@
+"""The pure, jit-able steps of CLIP-CAER: training (with accumulation) and evaluation.
+
+Module-level functions with keyword-only dependencies, so that the training loop, the evaluator,
+the benchmark and the tests jit the same code with their own shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from caer_jax import state as state_lib
+
+
+def stream_inputs(batch: dict, streams: str) -> tuple[Any, Any]:
+    """The (face, context) clips a model of `streams` consumes; the other one is None."""
+    face = batch["face"] if streams in ("face", "both") else None
+    context = batch["context"] if streams in ("context", "both") else None
+    return face, context
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def micro_batches(batch: dict, grad_accum_steps: int) -> dict:
+    """[B, ...] -> [A, B / A, ...]: micro-batch i holds rows i, i + A, i + 2A, ... of the batch.
+
+    Strided rather than contiguous, so that every device's block of rows (the batch is split
+    over the mesh along dim 0) feeds every micro-batch and no rows move between devices.
+    """
+    size = next(iter(batch.values())).shape[0]
+    if size % grad_accum_steps:
+        raise ValueError(
+            f"config.train.grad_accum_steps={grad_accum_steps} does not divide the global "
+            f"batch of {size} clips"
+        )
+    split = lambda x: x.reshape(size // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+    return jax.tree.map(lambda x: jnp.swapaxes(split(x), 0, 1), batch)
+
+
+def train_step(
+    state: state_lib.TrainState,
+    batch: dict,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    dropout_rng: jax.Array,
+    streams: str,
+    grad_accum_steps: int = 1,
+) -> tuple[state_lib.TrainState, dict]:
+    """One optimizer step on a global batch; returns the new state and the batch's metrics.
+
+    With grad_accum_steps = A > 1 the batch is cut into A micro-batches of B / A clips
+    (`micro_batches`), run one after another (lax.scan) and their gradients averaged: the
+    update of one batch of B in about 1/A of the activation memory. Dropout keys: the step's key
+    fold_in(dropout_rng, step) with A = 1; fold_in(that key, i) for micro-batch i with A > 1 —
+    so switching accumulation on changes the dropout draws (not their distribution), and a run
+    is reproducible for a given A.
+
+    A step whose loss or gradient is not finite leaves parameters and optimizer state as they
+    were (the step counter still advances, keeping it aligned with the data); `finite` in the
+    metrics tells the host, which stops or counts it (config.train.skip_nonfinite).
+    """
+    rng = jax.random.fold_in(dropout_rng, state.step)
+
+    def loss_fn(params, micro, key):
+        face, context = stream_inputs(micro, streams)
+        logits, _ = model.apply(
+            {"params": params}, face, context, train=True, rngs={"dropout": key}
+        )
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == micro["label"])
+        return cross_entropy(logits, micro["label"]), accuracy
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, accuracy), grads = grad_fn(state.params, batch, rng)
+    else:
+
+        def accumulate(total, xs):
+            micro, i = xs
+            (loss, accuracy), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, total, (grads, loss, accuracy)), None
+
+        zero = jnp.zeros((), jnp.float32)
+        total = (jax.tree.map(jnp.zeros_like, state.params), zero, zero)
+        xs = (micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps))
+        total, _ = jax.lax.scan(accumulate, total, xs)
+        # equal micro-batches: the mean of their means is the batch mean
+        grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps, total)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep_if_bad, params, state.params),
+        opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
+    )
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
+
+
+def eval_step(params: Any, batch: dict, *, model, streams: str) -> dict:
+    """Class probabilities of a padded eval batch, with what is needed to drop the padding."""
+    face, context = stream_inputs(batch, streams)
+    logits, _ = model.apply({"params": params}, face, context, train=False)
+    return {
+        "probs": jax.nn.softmax(logits, axis=-1),
+        "label": batch["label"],
+        "mask": batch["mask"],
+        "index": batch["index"],
+    }
