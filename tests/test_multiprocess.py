@@ -1,0 +1,171 @@
+"""Several hosts on one machine: `launch/local.sh 2 --devices-per-process 2` trains, checkpoints
+and evaluates like one process with 4 devices; evaluation of that checkpoint over 2 processes
+and over 1, 2 and 8 devices of one process counts every test clip once with the same metrics.
+
+The synthetic dataset has 42 clips: 33 train (4 steps of 8, one clip dropped) and 9 test, so the
+eval batch of 8 leaves a last batch of 1 clip and 7 padding rows.
+"""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from caer_jax import evaluation, sharding, train
+from caer_jax.data import prepare
+from configs import synthetic_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLIPS = 42
+NUM_TEST = 9
+EVAL_BATCH = 8
+# Both runs use the same (4, 1) mesh; the collectives differ (gloo across processes vs in-process).
+# Measured: identical to the 6 decimals of predictions.csv.
+PROB_TOL = 1e-5
+
+
+def tiny_overrides(root: Path) -> dict:
+    return {
+        "data.data_dir": str(root / "tfds"),
+        "data.synthetic.manual_dir": str(root / "raer"),
+        "data.synthetic.num_clips": NUM_CLIPS,
+        "data.num_segments": 4,
+        "model.clip.vision_layers": 1,
+        "model.clip.text_layers": 1,
+        "train.num_epochs": 1,
+        "train.log_every_steps": 1,
+        "train.eval_batch_size": EVAL_BATCH,
+    }
+
+
+def tiny_config(root: Path):
+    config = synthetic_tiny.get_config()
+    for key, value in tiny_overrides(root).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_sh(root: Path, module: str, workdir: Path, *extra: str) -> None:
+    args = [f"--config.{k}={v}" for k, v in tiny_overrides(root).items()]
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(root))
+    result = subprocess.run(
+        [
+            str(REPO / "launch/local.sh"),
+            "--devices-per-process",
+            "2",
+            "--port",
+            str(free_port()),
+            "2",
+            module,
+            f"--config={REPO / 'configs/synthetic_tiny.py'}",
+            f"--workdir={workdir}",
+            *args,
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = "\n".join((root / f"local-{i}.log").read_text()[-3000:] for i in range(2))
+    assert result.returncode == 0, result.stderr[-3000:] + logs
+
+
+def read_predictions(path: Path) -> dict:
+    with open(path) as f:
+        return {row["video_id"]: row for row in csv.DictReader(f)}
+
+
+def probabilities(predictions: dict) -> np.ndarray:
+    return np.array(
+        [
+            [float(v) for k, v in row.items() if k.startswith("p_")]
+            for _, row in sorted(predictions.items())
+        ]
+    )
+
+
+_MAKE_MESH = sharding.make_mesh
+
+
+def on_devices(monkeypatch, count: int) -> None:
+    """sharding.make_mesh (used by train and evaluation) over the first `count` devices."""
+    monkeypatch.setattr(
+        sharding,
+        "make_mesh",
+        lambda mesh_config, devices=None: _MAKE_MESH(mesh_config, jax.devices()[:count]),
+    )
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    config = tiny_config(root)
+    prepare.prepare_data(config)  # both processes only read the dataset
+    test_ids = [line.split()[0] for line in (root / "raer/test.txt").read_text().splitlines()]
+    assert len(test_ids) == NUM_TEST and NUM_TEST % EVAL_BATCH != 0
+    workdir = root / "two_processes"
+    local_sh(root, "caer_jax.train", workdir)
+    return config, root, workdir, test_ids
+
+
+def test_two_processes_train_checkpoint_and_evaluate(two_process_run):
+    _, _, workdir, test_ids = two_process_run
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["num_clips"] == NUM_TEST
+    assert sum(row["support"] for row in metrics["per_class"].values()) == NUM_TEST
+    predictions = read_predictions(workdir / "predictions.csv")
+    assert sorted(predictions) == sorted(test_ids)  # every test clip once
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        4
+    ]
+    assert list((workdir / "tensorboard").iterdir())  # written by process 0
+
+
+def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_path, monkeypatch):
+    config, root, workdir, _ = two_process_run
+    on_devices(monkeypatch, 4)
+    single = tmp_path / "one_process"
+    results = train.train_and_evaluate(config, single)
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    for key in ("uar", "war", "num_clips", "confusion_matrix"):
+        assert metrics[key] == results[key], key
+    ours = probabilities(read_predictions(single / "predictions.csv"))
+    theirs = probabilities(read_predictions(workdir / "predictions.csv"))
+    print(f"2 processes vs 1: max |d prob| {np.max(np.abs(ours - theirs)):.2e}")
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=PROB_TOL)
+
+
+def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatch):
+    config, root, workdir, test_ids = two_process_run
+    local_sh(root, "caer_jax.eval", workdir, "--step=latest")
+    reference = json.loads((workdir / "metrics.json").read_text())
+    reference_probs = probabilities(read_predictions(workdir / "predictions.csv"))
+    assert reference["num_clips"] == NUM_TEST and reference["step"] == 4
+    for count in (1, 2, 8):
+        on_devices(monkeypatch, count)
+        summary = evaluation.evaluate_checkpoint(config, workdir, step="latest", split="test")
+        assert summary["num_clips"] == NUM_TEST, count
+        for key in ("uar", "war", "confusion_matrix"):
+            assert summary[key] == reference[key], (count, key)
+        predictions = read_predictions(workdir / "predictions.csv")
+        assert sorted(predictions) == sorted(test_ids)
+        np.testing.assert_allclose(probabilities(predictions), reference_probs, atol=PROB_TOL)
