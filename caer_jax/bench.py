@@ -26,10 +26,8 @@ from absl import app, flags
 
 from caer_jax import optim, steps
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline, prepare, synthetic
 from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
-from tfds_raer.raer import benchmark as build_benchmark
 
 RAER_CLIPS = 2700
 
@@ -39,6 +37,10 @@ _PAPER_BATCH = flags.DEFINE_integer("paper_batch", 8, "Clips per step at the pap
 _SKIP_PAPER = flags.DEFINE_bool("skip_paper", False, "Skip the (slow on CPU) ViT-B/32 geometry.")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 40, "Batches timed in the pipeline.")
 _BUILD_CLIPS = flags.DEFINE_integer("build_clips", 12, "RAER-length clips to build (0: skip).")
+_SKIP_DATA = flags.DEFINE_bool(
+    "skip_data", False, "Model figures only (no TFDS/grain needed, e.g. on an accelerator host)."
+)
+_PAPER_DTYPE = flags.DEFINE_string("paper_dtype", "float32", "Compute dtype of the ViT-B/32 run.")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -51,10 +53,10 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_flops_per_second(n: int = 4096, repeats: int = 5) -> float:
-    """Achieved float32 FLOP/s of one large square matmul: the machine's reference rate."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops_per_second(dtype: str = "float32", n: int = 4096, repeats: int = 5) -> float:
+    """Achieved FLOP/s of one large square matmul in `dtype`: the machine's reference rate."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     return 2 * n**3 / median_seconds(lambda: matmul(a, b), repeats)
 
@@ -101,6 +103,7 @@ def bench_model(
         "frames_per_clip": config.data.num_segments,
         "image_size": config.data.image_size,
         "streams": config.model.streams,
+        "dtype": config.model.dtype,
         "train_step_s": step_time,
         "train_clips_per_s": batch_size / step_time,
         "train_step_flops": flops,
@@ -112,6 +115,9 @@ def bench_model(
 
 def bench_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> dict:
     """Train-iterator clips/s on the embedded default's dataset (built if missing)."""
+    # Imported here: the model figures must also run where TFDS and grain are not installed.
+    from caer_jax.data import pipeline, prepare
+
     prepare.prepare_data(config)
     iterator = pipeline.train_iterator(config, seed=0, process_index=0, process_count=1)
     next(iterator)  # start-up (and worker start) is not throughput
@@ -131,6 +137,9 @@ def bench_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> dict:
 
 def bench_build(num_clips: int) -> dict:
     """Builder rate on RAER-like clips (100-300 frames of 640x480) at the paper's 224 px."""
+    from caer_jax.data import synthetic
+    from tfds_raer.raer import benchmark as build_benchmark
+
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raer"
         synthetic.generate(
@@ -153,7 +162,7 @@ def bench_build(num_clips: int) -> dict:
 def run(argv=()) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    peak = matmul_flops_per_second(repeats=_REPEATS.value)
+    peak = matmul_flops_per_second("float32", repeats=_REPEATS.value)
     results = {
         "device": str(jax.devices()[0].device_kind),
         "num_devices": jax.device_count(),
@@ -161,11 +170,16 @@ def run(argv=()) -> None:
         "tiny": bench_model(synthetic_tiny.get_config(), 8, _REPEATS.value, peak),
     }
     if not _SKIP_PAPER.value:
+        paper = clip_caer_b32.get_config()
+        paper.model.dtype = _PAPER_DTYPE.value
+        paper_peak = matmul_flops_per_second(_PAPER_DTYPE.value, repeats=_REPEATS.value)
+        results[f"matmul_{_PAPER_DTYPE.value}_flops_per_s"] = paper_peak
         results["paper_b32"] = bench_model(
-            clip_caer_b32.get_config(), _PAPER_BATCH.value, max(2, _REPEATS.value // 2), peak
+            paper, _PAPER_BATCH.value, max(2, _REPEATS.value // 2), paper_peak
         )
-    results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
-    if _BUILD_CLIPS.value:
+    if not _SKIP_DATA.value:
+        results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
+    if _BUILD_CLIPS.value and not _SKIP_DATA.value:
         results["build_224px"] = bench_build(_BUILD_CLIPS.value)
     print(f"device {results['device']} x{results['num_devices']}: matmul {peak / 1e9:.1f} GFLOP/s")
     for name in ("tiny", "paper_b32"):
@@ -175,14 +189,15 @@ def run(argv=()) -> None:
                 f"{name:>9}: train step {r['train_step_s'] * 1e3:.1f} ms "
                 f"({r['train_clips_per_s']:.1f} clips/s), {r['train_step_flops'] / 1e9:.1f} GFLOP/step, "
                 f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
-                f"{100 * r['utilisation_of_matmul_rate']:.0f}% of matmul; "
+                f"{100 * r['utilisation_of_matmul_rate']:.0f}% of {r['dtype']} matmul; "
                 f"eval {r['eval_clips_per_s']:.1f} clips/s"
             )
-    p = results["pipeline"]
-    print(
-        f" pipeline: {p['clips_per_s']:.1f} clips/s ({p['frames_per_clip']} frames of "
-        f"{p['image_size']} px per stream, {p['worker_count']} workers)"
-    )
+    if "pipeline" in results:
+        p = results["pipeline"]
+        print(
+            f" pipeline: {p['clips_per_s']:.1f} clips/s ({p['frames_per_clip']} frames of "
+            f"{p['image_size']} px per stream, {p['worker_count']} workers)"
+        )
     if "build_224px" in results:
         b = results["build_224px"]
         print(
