@@ -10,21 +10,13 @@ import jax
 import pytest
 
 from caer_jax import checkpoint, evaluation, train
-from configs import synthetic_tiny
+from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(root: Path, streams: str = "both"):
-    config = synthetic_tiny.get_config(streams if streams != "both" else "")
-    config.data.data_dir = str(root / "tfds")
-    config.data.synthetic.manual_dir = str(root / "raer")
-    config.data.synthetic.num_clips = 40
-    config.data.worker_count = 0
-    config.train.num_epochs = 2
-    config.train.log_every_steps = 1
-    config.optim.milestones = (1,)
-    return config
+    return tiny_runs.config(tiny_runs.overrides(root), "" if streams == "both" else streams)
 
 
 @pytest.fixture(scope="module")

@@ -18,40 +18,24 @@ from caer_jax import checkpoint, sharding
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
-from configs import synthetic_tiny
+from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 32 train clips / batch 8
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 
+def fault_overrides(root: Path) -> dict:
+    return tiny_runs.overrides(
+        root, **{"train.checkpoint_every_steps": 1, "train.keep_checkpoints": 3}
+    )
+
+
 def fault_config(root: Path):
-    config = synthetic_tiny.get_config()
-    config.data.data_dir = str(root / "tfds")
-    config.data.synthetic.manual_dir = str(root / "raer")
-    config.data.synthetic.num_clips = 40
-    config.train.num_epochs = 2
-    config.train.log_every_steps = 1
-    config.train.checkpoint_every_steps = 1
-    config.train.keep_checkpoints = 3
-    config.optim.milestones = (1,)
-    return config
+    return tiny_runs.config(fault_overrides(root))
 
 
-def overrides(config) -> list[str]:
-    return [
-        f"--config.data.data_dir={config.data.data_dir}",
-        f"--config.data.synthetic.manual_dir={config.data.synthetic.manual_dir}",
-        "--config.data.synthetic.num_clips=40",
-        "--config.train.num_epochs=2",
-        "--config.train.log_every_steps=1",
-        "--config.train.checkpoint_every_steps=1",
-        "--config.train.keep_checkpoints=3",
-        "--config.optim.milestones=(1,)",
-    ]
-
-
-def start_training(config, workdir: Path, *extra: str) -> subprocess.Popen:
+def start_training(root: Path, workdir: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     return subprocess.Popen(
         [
@@ -60,7 +44,7 @@ def start_training(config, workdir: Path, *extra: str) -> subprocess.Popen:
             "caer_jax.train",
             f"--config={REPO / 'configs/synthetic_tiny.py'}",
             f"--workdir={workdir}",
-            *overrides(config),
+            *tiny_runs.flags(fault_overrides(root)),
             *extra,
         ],
         cwd=REPO,
@@ -107,7 +91,7 @@ def reference(tmp_path_factory):
     config = fault_config(root)
     prepare.prepare_data(config)
     workdir = root / "reference"
-    finish(start_training(config, workdir))
+    finish(start_training(root, workdir))
     params, _ = final_params(config, workdir, TOTAL_STEPS)
     return config, root, params
 
@@ -116,12 +100,12 @@ def test_sigkill_then_resume_gives_the_same_parameters(reference):
     config, root, expected = reference
     workdir = root / "killed"
     kill_after = int(np.random.default_rng().integers(2, TOTAL_STEPS - 1))  # mid-epoch or not
-    proc = start_training(config, workdir)
+    proc = start_training(root, workdir)
     wait_for_step(proc, workdir, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert max(saved_steps(workdir)) < TOTAL_STEPS
-    out = finish(start_training(config, workdir))
+    out = finish(start_training(root, workdir))
     assert re.search(r"resumed from step \d+", out)
     params, _ = final_params(config, workdir, TOTAL_STEPS)
     jax.tree.map(np.testing.assert_array_equal, params, expected)
@@ -130,7 +114,7 @@ def test_sigkill_then_resume_gives_the_same_parameters(reference):
 def test_sigterm_saves_at_the_signal_step_and_exits_cleanly(reference):
     config, root, _ = reference
     workdir = root / "preempted"
-    proc = start_training(config, workdir)
+    proc = start_training(root, workdir)
     wait_for_step(proc, workdir, 2)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc)
@@ -143,7 +127,7 @@ def test_sigterm_saves_at_the_signal_step_and_exits_cleanly(reference):
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):
     config, root, _ = reference
     workdir = root / "damaged"
-    proc = start_training(config, workdir)
+    proc = start_training(root, workdir)
     wait_for_step(proc, workdir, 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -151,7 +135,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):
     for path in (workdir / "checkpoints" / str(newest) / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
-    out = finish(start_training(config, workdir))
+    out = finish(start_training(root, workdir))
     assert f"checkpoints/{newest} cannot be restored" in out
     assert (workdir / "checkpoints" / f"{newest}.damaged").is_dir()
     assert f"resumed from step {newest - 1}" in out
@@ -161,7 +145,7 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_checkpoint(reference):
     config, root, _ = reference
     workdir = root / "nan"
     proc = start_training(
-        config, workdir, "--config.optim.lr.temporal=1e30", "--config.optim.lr.image_encoder=1e30"
+        root, workdir, "--config.optim.lr.temporal=1e30", "--config.optim.lr.image_encoder=1e30"
     )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0

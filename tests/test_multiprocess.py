@@ -20,7 +20,7 @@ import pytest
 
 from caer_jax import evaluation, sharding, train
 from caer_jax.data import prepare
-from configs import synthetic_tiny
+from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLIPS = 42
@@ -32,28 +32,22 @@ PROB_TOL = 1e-5
 
 
 def tiny_overrides(root: Path) -> dict:
-    return {
-        "data.data_dir": str(root / "tfds"),
-        "data.synthetic.manual_dir": str(root / "raer"),
-        "data.synthetic.num_clips": NUM_CLIPS,
-        "data.num_segments": 4,
-        "model.clip.vision_layers": 1,
-        "model.clip.text_layers": 1,
-        "train.num_epochs": 1,
-        "train.log_every_steps": 1,
-        "train.eval_batch_size": EVAL_BATCH,
-    }
+    return tiny_runs.overrides(
+        root,
+        NUM_CLIPS,
+        **{
+            "data.num_segments": 4,
+            "model.clip.vision_layers": 1,
+            "model.clip.text_layers": 1,
+            "train.num_epochs": 1,
+            "train.log_every_steps": 1,
+            "train.eval_batch_size": EVAL_BATCH,
+        },
+    )
 
 
 def tiny_config(root: Path):
-    config = synthetic_tiny.get_config()
-    for key, value in tiny_overrides(root).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+    return tiny_runs.config(tiny_overrides(root))
 
 
 def free_port() -> int:
@@ -63,7 +57,7 @@ def free_port() -> int:
 
 
 def local_sh(root: Path, module: str, workdir: Path, *extra: str) -> None:
-    args = [f"--config.{k}={v}" for k, v in tiny_overrides(root).items()]
+    args = tiny_runs.flags(tiny_overrides(root))
     env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(root))
     result = subprocess.run(
         [

@@ -1,0 +1,41 @@
+"""Small training runs for tests: the embedded default shrunk to a few synthetic clips.
+
+A run is described once as config overrides ("data.synthetic.num_clips": 40, ...), which give the
+in-process ConfigDict (`config`) and the same settings as command-line flags (`flags`) for runs
+in subprocesses.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from configs import synthetic_tiny
+
+
+def overrides(root: Path, num_clips: int = 40, **extra) -> dict:
+    """Data under `root`, `num_clips` synthetic clips, 2 epochs with the LR step after the first;
+    `extra` adds or replaces fields (dotted names)."""
+    return {
+        "data.data_dir": str(root / "tfds"),
+        "data.synthetic.manual_dir": str(root / "raer"),
+        "data.synthetic.num_clips": num_clips,
+        "train.num_epochs": 2,
+        "train.log_every_steps": 1,
+        "optim.milestones": (1,),
+        **extra,
+    }
+
+
+def config(settings: dict, variant: str = "") -> ml_collections.ConfigDict:
+    c = synthetic_tiny.get_config(variant)
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return c
+
+
+def flags(settings: dict) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in settings.items()]
