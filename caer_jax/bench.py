@@ -91,7 +91,7 @@ def bench_model(
     )
     compiled = step.lower(state, batch).compile()
     # XLA's count of the compiled program. On GPU it leaves out the cuBLAS GEMM calls (seen on
-    # an H200: 135 GFLOP for a ViT-B/32 step that the CPU compilation counts at 7.1 TFLOP), so
+    # an H200: 135 GFLOP for a ViT-B/32 step that the CPU compilation counts at 6.8 TFLOP), so
     # utilisation is only meaningful where the backend counts its matmuls (CPU, TPU).
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
