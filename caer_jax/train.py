@@ -87,6 +87,39 @@ def _nonfinite_error(config, step: int, host_batch: dict, step_metrics: dict) ->
     )
 
 
+def _evaluate_epoch(
+    eval_fn, params, config, mesh, *, epoch, step, losses, history, writer, workdir
+) -> dict:
+    """End of an epoch: evaluates the selection split, appends to `history`, logs, plots."""
+    split = config.train.selection_split
+    result = evaluation.evaluate(eval_fn, params, config, split, mesh)
+    train_loss = float(np.mean(losses)) if losses else float("nan")
+    history.append(
+        {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": train_loss,
+            "split": split,
+            "uar": result["uar"],
+            "war": result["war"],
+        }
+    )
+    logging.info(
+        "epoch %d: train loss %.4f, %s UAR %.2f WAR %.2f",
+        epoch,
+        train_loss,
+        split,
+        result["uar"],
+        result["war"],
+    )
+    if writer:
+        writer.add_scalar(f"{split}/uar", result["uar"], step)
+        writer.add_scalar(f"{split}/war", result["war"], step)
+        writer.flush()
+        metrics.plot_curves(history, workdir / "curves.png")
+    return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     """Trains CLIP-CAER as `config` says; returns the test metrics of the best checkpoint, or
     None when the run was preempted (it then saved a checkpoint to resume from)."""
@@ -199,36 +232,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
             eval_metrics = None
             if step % steps_per_epoch == 0:
-                eval_metrics = evaluation.evaluate(
-                    eval_fn, state.params, config, config.train.selection_split, mesh
-                )
-                history.append(
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        "train_loss": float(np.mean(epoch_losses))
-                        if epoch_losses
-                        else float("nan"),
-                        "split": config.train.selection_split,
-                        "uar": eval_metrics["uar"],
-                        "war": eval_metrics["war"],
-                    }
+                eval_metrics = _evaluate_epoch(
+                    eval_fn,
+                    state.params,
+                    config,
+                    mesh,
+                    epoch=epoch,
+                    step=step,
+                    losses=epoch_losses,
+                    history=history,
+                    writer=writer,
+                    workdir=workdir,
                 )
                 epoch_losses = []
-                logging.info(
-                    "epoch %d: train loss %.4f, %s UAR %.2f WAR %.2f",
-                    epoch,
-                    history[-1]["train_loss"],
-                    config.train.selection_split,
-                    eval_metrics["uar"],
-                    eval_metrics["war"],
-                )
-                if writer:
-                    split = config.train.selection_split
-                    writer.add_scalar(f"{split}/uar", eval_metrics["uar"], step)
-                    writer.add_scalar(f"{split}/war", eval_metrics["war"], step)
-                    writer.flush()
-                    metrics.plot_curves(history, workdir / "curves.png")
             preempted = preemption.reached(step)
             every = config.train.checkpoint_every_steps
             if eval_metrics is not None or preempted or (every and step % every == 0):
