@@ -8,9 +8,9 @@ from pathlib import Path
 
 import jax
 import pytest
+import tiny_runs
 
 from caer_jax import checkpoint, evaluation, train
-from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 

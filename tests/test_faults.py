@@ -13,12 +13,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
 from caer_jax import checkpoint, sharding
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
-from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 32 train clips / batch 8

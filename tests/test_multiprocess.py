@@ -17,10 +17,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
 from caer_jax import evaluation, sharding, train
 from caer_jax.data import prepare
-from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLIPS = 42
