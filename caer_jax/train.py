@@ -87,6 +87,26 @@ def _nonfinite_error(config, step: int, host_batch: dict, step_metrics: dict) ->
     )
 
 
+def jit_train_step(
+    model, tx, *, dropout_rng, streams: str, grad_accum_steps: int, state_shardings, mesh
+):
+    """steps.train_step jitted for `mesh`: state laid out by `state_shardings` (and donated),
+    batches split over the mesh, metrics replicated."""
+    return jax.jit(
+        functools.partial(
+            steps.train_step,
+            model=model,
+            tx=tx,
+            dropout_rng=dropout_rng,
+            streams=streams,
+            grad_accum_steps=grad_accum_steps,
+        ),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def _evaluate_epoch(
     eval_fn, params, config, mesh, *, epoch, step, losses, history, writer, workdir
 ) -> dict:
@@ -172,18 +192,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         logging.info("resumed from step %d in %s", resume_step, ckpts.directory)
     _log_param_groups(state.params, config.optim, workdir)
 
-    step_fn = jax.jit(
-        functools.partial(
-            steps.train_step,
-            model=model,
-            tx=tx,
-            dropout_rng=dropout_rng,
-            streams=config.model.streams,
-            grad_accum_steps=config.train.grad_accum_steps,
-        ),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
+    step_fn = jit_train_step(
+        model,
+        tx,
+        dropout_rng=dropout_rng,
+        streams=config.model.streams,
+        grad_accum_steps=config.train.grad_accum_steps,
+        state_shardings=state_shardings,
+        mesh=mesh,
     )
     eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None

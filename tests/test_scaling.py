@@ -2,7 +2,7 @@
 (2, 4) and (1, 8) fake CPU devices give the same losses and parameters (fp32, max |d| <= 1e-5);
 bfloat16 compute stays close to fp32; gradient accumulation gives the same update as one batch.
 
-The steps are steps.train_step jitted with each mesh's shardings (sharding.tree_shardings,
+The steps are train.jit_train_step with each mesh's shardings (sharding.tree_shardings,
 sharding.batch_sharding), as train_and_evaluate does, on fixed random batches: the partitioning
 is what is tested, not the input pipeline.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from caer_jax import optim, sharding, steps
+from caer_jax import optim, sharding, train
 from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import synthetic_tiny
@@ -93,17 +93,14 @@ def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1):
     state = state_lib.create(params, tx)
     shardings = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, shardings)
-    step_fn = jax.jit(
-        functools.partial(
-            steps.train_step,
-            model=model,
-            tx=tx,
-            dropout_rng=dropout_rng,
-            streams=config.model.streams,
-            grad_accum_steps=grad_accum_steps,
-        ),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
+    step_fn = train.jit_train_step(
+        model,
+        tx,
+        dropout_rng=dropout_rng,
+        streams=config.model.streams,
+        grad_accum_steps=grad_accum_steps,
+        state_shardings=shardings,
+        mesh=mesh,
     )
     losses = []
     for batch in batches:
