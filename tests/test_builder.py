@@ -571,27 +571,39 @@ def test_bad_options():
         Builder(config="64px", path_prefix_map=[("a",)])
 
 
-def test_worker_processes_write_the_same_records(tmp_path):
-    one = build(DUMMY, tmp_path / "one", num_workers=1)
-    two = build(DUMMY, tmp_path / "two", num_workers=2)
-    assert one.info.metadata["build_options"]["num_workers"] == 1
+def test_worker_threads_write_the_same_records(tmp_path):
+    """Frames cropped by several threads (the default: one per core) give the records of a
+    build in the writing thread, byte for byte and in the same order."""
+    built = {w: build(DUMMY, tmp_path / f"w{w}", num_workers=w) for w in (1, 3, 0)}
+    assert built[1].info.metadata["build_options"]["num_workers"] == 1
     skip = {
         "face": tfds_raer.raer.SkipFrameDecoding(),
         "context": tfds_raer.raer.SkipFrameDecoding(),
     }
     for split in ("train", "test"):
-        a = tfds.data_source(
-            "raer/64px", split=split, data_dir=str(tmp_path / "one"), decoders=skip
-        )
-        b = tfds.data_source(
-            "raer/64px", split=split, data_dir=str(tmp_path / "two"), decoders=skip
-        )
-        assert len(a) == len(b)
-        for i in range(len(a)):
-            assert a[i]["video_id"] == b[i]["video_id"]
-            assert list(a[i]["face"]) == list(b[i]["face"])
-            assert list(a[i]["context"]) == list(b[i]["context"])
-    del two
+        sources = [
+            tfds.data_source(
+                "raer/64px", split=split, data_dir=str(tmp_path / f"w{w}"), decoders=skip
+            )
+            for w in built
+        ]
+        one = sources[0]
+        for other in sources[1:]:
+            assert len(other) == len(one)
+            for i in range(len(one)):
+                assert other[i]["video_id"] == one[i]["video_id"]
+                assert list(other[i]["face"]) == list(one[i]["face"])
+                assert list(other[i]["context"]) == list(one[i]["context"])
+                assert list(other[i]["face_box_found"]) == list(one[i]["face_box_found"])
+
+
+def test_first_bad_frame_reported_whatever_the_threads(tmp_path):
+    manual = dummy_copy(tmp_path)
+    for name in ("000002.jpg", "000003.jpg"):  # two bad frames: the first one is named
+        (manual / "clips/b02" / name).write_bytes(b"garbage")
+    for w in (1, 2):
+        with pytest.raises(RaerFormatError, match=r"test\.txt:2: clips/b02: .*000002\.jpg"):
+            build(manual, tmp_path / f"w{w}", num_workers=w)
 
 
 def test_build_rate_reports(capsys):

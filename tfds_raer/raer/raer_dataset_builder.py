@@ -22,7 +22,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import multiprocessing
 import sys
 import time
 from collections.abc import Iterator
@@ -79,8 +78,8 @@ class RaerConfig(tfds.core.BuilderConfig):
     path_prefix_map: ((old, new), ...) rewrites absolute frames_dir prefixes (first match), e.g.
       (("/home/authors/RAER/", "/data/RAER/"),) when the annotation files name the authors' paths.
     train_file, test_file, face_boxes_file, body_boxes_file: file names inside manual_dir.
-    num_workers: processes decoding and cropping clips (1 = in-process; 0 = automatic: all cores
-      but one, at most 8, for splits of 64 clips or more; in-process on 2 cores).
+    num_workers: threads decoding and cropping clips (1 = in the writing thread; 0 = automatic:
+      one per core, at most 8). The records do not depend on it.
     """
 
     image_size: int = 224
@@ -218,14 +217,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         problems = self._problems[split]
         meta = []
         start = time.perf_counter()
-        encode = functools.partial(
-            raer_lib.encode_clip_or_problem,
-            image_size=opts.image_size,
-            jpeg_quality=opts.jpeg_quality,
-            max_frames=opts.max_frames,
-        )
-        workers = _num_processes(opts.num_workers, len(clips))
-        for clip, result in _ordered_map(encode, clips, workers):
+        workers = _num_workers(opts.num_workers)
+        for clip, result in _encode_in_order(clips, opts, workers):
             if isinstance(result, tuple):  # (reason, message) of a bad clip
                 reason, problem = result
                 message = f"{clip.source}: {clip.video_id}: {problem}"
@@ -295,46 +288,54 @@ def _options_dict(o: RaerConfig) -> dict[str, Any]:
     return d
 
 
-def _ordered_map(fn, items: list, num_workers: int) -> Iterator[tuple[Any, Any]]:
-    """(item, fn(item)), in order; fn runs in `num_workers` processes when that is > 1.
+_CLIPS_AHEAD = 2  # clips whose frames are queued beyond the one being written
 
-    Processes, not threads: decoding and cropping small frames is mostly Python-level PIL work
-    that holds the GIL (threads measured no faster). They are spawned (not forked) because the
-    caller may already run TensorFlow or JAX threads. At most 4 clips per process are in flight,
-    so memory stays bounded whatever the dataset size. `fn` must be picklable.
+
+def _encode_in_order(
+    clips: list[raer_lib.ClipSpec], opts: RaerConfig, num_workers: int
+) -> Iterator[tuple[raer_lib.ClipSpec, Any]]:
+    """(clip, raer_lib.finish_clip result) in order; frames cropped by `num_workers` threads.
+
+    Threads, not processes: on RAER-like frames (640x480 JPEG in, two 224 px JPEGs out) nearly
+    all the time is Pillow's JPEG decoder, resampler and JPEG encoder, which release the GIL
+    (ImagingSectionEnter in Pillow's decode.c, encode.c and Resample.c), so threads keep every
+    core busy without what processes cost: interpreter start-up and a TF/TFDS import per worker,
+    pickling crops back (spawned processes were slower than one process on 2 cores: 600 small
+    clips 15 s vs 9.7 s). The tasks are frames, not clips, so the last clips of a split (or a
+    split of a few clips) still use every core. Frames of at most `_CLIPS_AHEAD` clips are
+    submitted ahead of the one being written, so memory stays bounded; a consumer that stops
+    early cancels the frames not yet started.
     """
+    start = functools.partial(
+        raer_lib.start_clip,
+        image_size=opts.image_size,
+        jpeg_quality=opts.jpeg_quality,
+        max_frames=opts.max_frames,
+    )
     if num_workers <= 1:
-        for item in items:
-            yield item, fn(item)
+        for clip in clips:
+            yield clip, raer_lib.finish_clip(clip, start(clip))
         return
-    window = 4 * num_workers
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="raer_crop")
+    try:
         pending: collections.deque = collections.deque()
-        it = iter(items)
-        for item in it:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= window:
-                break
+        for clip in clips:
+            pending.append((clip, start(clip, map_fn=pool.map)))  # submits its frames now
+            if len(pending) > _CLIPS_AHEAD:
+                first, frames = pending.popleft()
+                yield first, raer_lib.finish_clip(first, frames)
         while pending:
-            item, fut = pending.popleft()
-            for nxt in it:
-                pending.append((nxt, pool.submit(fn, nxt)))
-                break
-            yield item, fut.result()
+            first, frames = pending.popleft()
+            yield first, raer_lib.finish_clip(first, frames)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _num_processes(requested: int, num_clips: int) -> int:
-    """0 = automatic: the TFDS writer keeps one core, the other cores (at most 8) crop clips.
-
-    In-process when that leaves fewer than 2 workers (a 2-core machine) or the split has fewer
-    than 64 clips: there, starting processes and shipping crops between them costs more than it
-    saves (measured on 2 vCPUs: 600 synthetic clips 9.7 s in-process, 15 s with 2 workers).
-    """
+def _num_workers(requested: int) -> int:
+    """0 = automatic: one thread per core available to this process, at most 8."""
     if requested > 0:
         return requested
-    workers = min(8, multiprocessing.cpu_count() - 1)
-    return workers if workers >= 2 and num_clips >= 64 else 1
+    return max(1, min(8, raer_lib.available_cores()))
 
 
 def _report(name: str, config: str, split: str, stats: dict[str, Any]) -> None:

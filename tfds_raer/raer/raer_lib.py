@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,46 +181,79 @@ def _check_box_in_image(box: Box, width: int, height: int, what: str) -> None:
         )
 
 
-def encode_clip(
-    clip: ClipSpec, *, image_size: int, jpeg_quality: int, max_frames: int = 0
-) -> dict[str, Any]:
-    """Decodes, checks and crops one clip; returns the example dict the builder writes."""
-    root = epath.Path(clip.frames_path)
-    faces, contexts, found = [], [], []
-    for i in subsample(len(clip.frame_files), max_frames):
-        name = clip.frame_files[i]
-        try:
-            img = load_rgb(root / name)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadClip("corrupt_image", f"{root / name}: cannot decode image: {e}") from None
-        w, h = img.size
-        box = clip.face_boxes.get(name)
-        if box is not None:
-            _check_box_in_image(box, w, h, f"face box of {name} ({clip.files.face_boxes})")
-        if clip.body_box is not None:
-            _check_box_in_image(
-                clip.body_box, w, h, f"body box ({clip.files.body_boxes}) of frame {name}"
-            )
-        faces.append(encode_jpeg(crop_face(img, box, image_size), jpeg_quality))
-        contexts.append(encode_jpeg(crop_context(img, clip.body_box, image_size), jpeg_quality))
-        found.append(box is not None)
+def encode_frame(
+    clip: ClipSpec, name: str, *, image_size: int, jpeg_quality: int
+) -> tuple[bytes, bytes, bool]:
+    """Decodes and checks one frame of `clip`; returns (face JPEG, context JPEG, face box found).
+
+    Raises BadClip for an undecodable frame or a box outside it. Thread-safe: the builder runs
+    it on several frames at once (Pillow releases the GIL while it decodes, resizes, encodes).
+    """
+    path = epath.Path(clip.frames_path) / name
+    try:
+        img = load_rgb(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadClip("corrupt_image", f"{path}: cannot decode image: {e}") from None
+    w, h = img.size
+    box = clip.face_boxes.get(name)
+    if box is not None:
+        _check_box_in_image(box, w, h, f"face box of {name} ({clip.files.face_boxes})")
+    if clip.body_box is not None:
+        _check_box_in_image(
+            clip.body_box, w, h, f"body box ({clip.files.body_boxes}) of frame {name}"
+        )
+    face = encode_jpeg(crop_face(img, box, image_size), jpeg_quality)
+    context = encode_jpeg(crop_context(img, clip.body_box, image_size), jpeg_quality)
+    return face, context, box is not None
+
+
+def start_clip(
+    clip: ClipSpec,
+    *,
+    image_size: int,
+    jpeg_quality: int,
+    max_frames: int = 0,
+    map_fn: Callable[..., Iterator] = map,
+) -> Iterator[tuple[bytes, bytes, bool]]:
+    """encode_frame over the stored frames of `clip`, in order, through `map_fn`.
+
+    With the builtin `map` nothing runs until finish_clip iterates; with a thread pool's `map`
+    every frame is submitted at once, so frames of the next clips are cropped while the
+    caller writes the current one.
+    """
+    names = [clip.frame_files[i] for i in subsample(len(clip.frame_files), max_frames)]
+    encode = functools.partial(encode_frame, clip, image_size=image_size, jpeg_quality=jpeg_quality)
+    return map_fn(encode, names)
+
+
+def finish_clip(
+    clip: ClipSpec, frames: Iterator[tuple[bytes, bytes, bool]]
+) -> dict[str, Any] | tuple[str, str]:
+    """The example dict the builder writes, or (reason, message) when a frame is bad.
+
+    Frames are collected in order, so the problem reported is that of the first bad frame,
+    whatever ran them.
+    """
+    try:
+        encoded = list(frames)
+    except BadClip as e:
+        return e.reason, e.message
     return {
         "video_id": clip.video_id,
         "label": clip.label,
-        "num_frames": len(faces),
-        "face": faces,
-        "context": contexts,
-        "face_box_found": found,
+        "num_frames": len(encoded),
+        "face": [face for face, _, _ in encoded],
+        "context": [context for _, context, _ in encoded],
+        "face_box_found": [found for _, _, found in encoded],
         "annotation": clip.annotation,
     }
 
 
-def encode_clip_or_problem(clip: ClipSpec, **kwargs: Any) -> dict[str, Any] | tuple[str, str]:
-    """encode_clip, or (reason, message) for a bad clip: picklable across worker processes."""
-    try:
-        return encode_clip(clip, **kwargs)
-    except BadClip as e:
-        return e.reason, e.message
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- annotations
