@@ -4,8 +4,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,29 +228,6 @@ def test_any_image_format_and_the_built_frames(tmp_path):
     test = tfds.data_source("raer/64px", split="test", data_dir=str(tmp_path / "d"))
     b01 = next(test[i] for i in range(len(test)) if test[i]["video_id"] == b"clips/b01")
     assert all(b01["face_box_found"]) and np.asarray(b01["face"]).shape == (2, 64, 64, 3)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m tfds_raer.build ARGS` in its own process, as users run it (its flags are
-    process-global, so it cannot share an interpreter with other absl programs)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "tfds_raer.build", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_cli_build(tmp_path):
-    result = run_cli(
-        str(DUMMY.parent), f"--manual_dir={DUMMY}", f"--data_dir={tmp_path}", "--config=64px"
-    )
-    files = {p.name for p in (tmp_path / "raer/64px/1.0.0").iterdir()}
-    assert "raer-train.array_record-00000-of-00001" in files
-    assert "[raer/64px] train: 4 clips" in result.stderr
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -528,39 +503,24 @@ def test_split_with_no_usable_clip(tmp_path):
     )
 
 
-def test_options_from_cli_flags_and_environment(tmp_path, monkeypatch):
-    from tfds_raer import build as cli
-
+def test_options_from_environment(tmp_path, monkeypatch):
+    """TFDS_RAER_OPTIONS: how the stock `tfds build` passes options (tests/test_tfds_cli.py)."""
     manual = dummy_copy(tmp_path)
     rewrite(manual / "train.txt", "clips/a02 2 2", "clips/a02 2 9")
     (manual / "train.txt").rename(manual / "train_list.txt")
-    argv = [
-        str(DUMMY.parent),
-        f"--manual_dir={manual}",
-        "--config=64px",
-        "--skip_bad_clips",
-        "--train_file=train_list.txt",
-        "--max_frames=2",
-        "--path_prefix_map=/a=/b",
-    ]
-    options, rest = cli.parse_raer_flags(argv)
-    assert options == {
-        "skip_bad_clips": True,
-        "train_file": "train_list.txt",
-        "max_frames": 2,
-        "path_prefix_map": [["/a", "/b"]],
-    }
-    assert rest == argv[:3]
-    run_cli(*argv, f"--data_dir={tmp_path / 'cli'}")
-    b = tfds.builder("raer/64px", data_dir=str(tmp_path / "cli"))
-    assert b.info.splits["train"].num_examples == 3
-    assert b.info.metadata["build_options"]["max_frames"] == 2
     monkeypatch.setenv(
         "TFDS_RAER_OPTIONS", '{"skip_bad_clips": true, "train_file": "train_list.txt"}'
     )
-    assert build(manual, tmp_path / "env").info.splits["train"].num_examples == 3
+    b = build(manual, tmp_path / "env")
+    assert b.info.splits["train"].num_examples == 3
+    assert b.info.metadata["build_options"]["train_file"] == "train_list.txt"
+    # keyword arguments win over the environment
+    assert not Builder(config="64px", skip_bad_clips=False).options.skip_bad_clips
     monkeypatch.setenv("TFDS_RAER_OPTIONS", '{"skip_bad_clip": true}')
     with pytest.raises(ValueError, match="unknown option"):
+        Builder(config="64px")
+    monkeypatch.setenv("TFDS_RAER_OPTIONS", "[1]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
         Builder(config="64px")
 
 

@@ -1,7 +1,7 @@
 """RAER (ICCV 2025 CLIP-CAER): academic emotion video clips, face and context crops per frame.
 
   tfds build tfds_raer/raer --manual_dir=/data/RAER --data_dir=D --config=64px
-  python -m tfds_raer.build tfds_raer/raer --manual_dir=... --data_dir=D --config=64px  # same flags
+  tfds build raer/64px/skip_bad_clips=True,max_frames=64 --imports=tfds_raer --manual_dir=...
 
 or from Python (`import tfds_raer` registers "raer"):
 
@@ -9,10 +9,11 @@ or from Python (`import tfds_raer` registers "raer"):
       download_config=tfds.download.DownloadConfig(manual_dir=M))
 
 Options that are not part of the config name are builder keyword arguments (also accepted as
-`tfds.builder(..., skip_bad_clips=True)`), flags of `python -m tfds_raer.build`, or the JSON
-object in the TFDS_RAER_OPTIONS environment variable (for the stock `tfds build`); see RaerConfig.
-They are stored in the dataset metadata ("build_options"). The data directory depends only on the
-config name and version: a build with a validation split replaces one without.
+`tfds.builder(..., skip_bad_clips=True)` and as `raer/64px/opt=value,...` names), or keys of the
+JSON object in the TFDS_RAER_OPTIONS environment variable (any option, e.g. path_prefix_map, with
+`tfds build`); see RaerConfig. They are stored in the dataset metadata ("build_options"). The
+data directory depends only on the config name and version: a build with a validation split
+replaces one without.
 """
 
 from __future__ import annotations

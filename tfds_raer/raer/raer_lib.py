@@ -56,9 +56,10 @@ OPTIONS_ENV = "TFDS_RAER_OPTIONS"
 def env_options() -> dict[str, Any]:
     """Builder options from the TFDS_RAER_OPTIONS environment variable (a JSON object).
 
-    How options reach builders that the stock `tfds build` command makes, e.g.
-      TFDS_RAER_OPTIONS='{"skip_bad_clips": true}' tfds build tfds_raer/raer --manual_dir=...
-    Keyword arguments given to the builder take precedence.
+    How options reach builders that the `tfds build` command makes, e.g. (one command line)
+      TFDS_RAER_OPTIONS='{"path_prefix_map": [["/home/a/RAER/", "/data/RAER/"]]}' tfds build tfds_raer/raer --manual_dir=/data/RAER
+    Keyword arguments given to the builder (also `raer/64px/skip_bad_clips=True` names) take
+    precedence.
     """
     text = os.environ.get(OPTIONS_ENV, "").strip()
     if not text:

@@ -1,0 +1,104 @@
+"""The stock `tfds build` command (TFDS's own console script) builds RAER after the normal install.
+
+Each test runs the real `tfds` executable of this virtual environment in its own process, from
+the repository root, as the README tells users to, then reads the records back.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from caer_jax.data import synthetic
+from tfds_raer.raer import raer_lib
+from tfds_raer.raer.raer_dataset_builder import Builder
+
+REPO = Path(__file__).resolve().parents[1]
+TFDS = Path(sys.executable).parent / "tfds"  # the console script installed by tensorflow-datasets
+DUMMY = Path(Builder.code_path).parent / "dummy_data"
+
+
+def tfds_build(*args: str, options: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != raer_lib.OPTIONS_ENV}
+    if options is not None:
+        env[raer_lib.OPTIONS_ENV] = json.dumps(options)
+    result = subprocess.run(
+        [str(TFDS), "build", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def annotations(manual: Path, split: str, file_name: str | None = None) -> dict:
+    """{frames_dir: (num_frames, 0-based label)} of an annotation file."""
+    rows = {}
+    for line in (manual / (file_name or f"{split}.txt")).read_text().splitlines():
+        frames_dir, num_frames, label = line.split(" ")
+        rows[frames_dir] = (int(num_frames), int(label) - 1)
+    return rows
+
+
+def stored(data_dir: Path, split: str) -> dict:
+    ds = tfds.data_source("raer/64px", split=split, data_dir=str(data_dir))
+    out = {}
+    for i in range(len(ds)):
+        ex = ds[i]
+        assert len(ex["face"]) == len(ex["context"]) == ex["num_frames"]
+        out[ex["video_id"].decode()] = (int(ex["num_frames"]), int(ex["label"]))
+    return out
+
+
+def test_tfds_build_on_the_synthetic_generator_output(tmp_path):
+    manual = tmp_path / "manual"
+    synthetic.generate(
+        manual, 10, seed=3, min_frames=3, max_frames=5, width=64, height=48, workers=1
+    )
+    data_dir = tmp_path / "tfds"
+    result = tfds_build(
+        "tfds_raer/raer", f"--manual_dir={manual}", f"--data_dir={data_dir}", "--config=64px"
+    )
+    for split in ("train", "test"):
+        assert stored(data_dir, split) == annotations(manual, split)
+    assert "[raer/64px] train: " in result.stderr
+    assert not (data_dir / "raer/224px").exists()  # only the config asked for
+
+
+def test_tfds_build_options_on_a_hand_made_folder(tmp_path):
+    """Options reach the builder through the dataset name (scalars, with --imports) and the
+    TFDS_RAER_OPTIONS environment variable (any option, e.g. path_prefix_map)."""
+    manual = tmp_path / "manual"
+    shutil.copytree(DUMMY, manual)
+    train = (manual / "train.txt").read_text().replace("clips/a02 2 2", "clips/a02 2 9")
+    (manual / "train_list.txt").write_text(train)  # a02: label 9, skipped
+    (manual / "train.txt").unlink()
+    # the test split names the authors' absolute folders, mapped onto manual_dir
+    for name in ("test.txt", "face_boxes.json", "body_boxes.json"):
+        text = (manual / name).read_text()
+        (manual / name).write_text(text.replace("clips/b", "/authors/RAER/clips/b"))
+    data_dir = tmp_path / "tfds"
+    result = tfds_build(
+        "raer/64px/skip_bad_clips=True,max_frames=2,train_file=train_list.txt",
+        "--imports=tfds_raer",
+        f"--manual_dir={manual}",
+        f"--data_dir={data_dir}",
+        options={"path_prefix_map": [["/authors/RAER/", f"{manual}/"]]},
+    )
+    want_train = annotations(manual, "train", "train_list.txt")
+    del want_train["clips/a02"]
+    assert stored(data_dir, "train") == {d: (min(n, 2), y) for d, (n, y) in want_train.items()}
+    want_test = {d: (min(n, 2), y) for d, (n, y) in annotations(manual, "test").items()}
+    assert stored(data_dir, "test") == want_test
+    assert all(d.startswith("/authors/RAER/clips/b") for d in want_test)
+    info = tfds.builder("raer/64px", data_dir=str(data_dir)).info.metadata
+    assert info["build_options"]["path_prefix_map"] == [["/authors/RAER/", f"{manual}/"]]
+    assert info["statistics"]["train"]["skipped"]["by_reason"] == {"bad_label": 1}
+    assert "SKIPPED 1 bad clips" in result.stderr
