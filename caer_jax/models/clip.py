@@ -199,6 +199,31 @@ class Transformer(nn.Module):
         return x
 
 
+class PatchEmbedding(nn.Module):
+    """Non-overlapping patches [N, H, W, 3] -> tokens [N, (H/P) * (W/P), width], row-major.
+
+    The same function and parameter (an HWIO `kernel`, no bias) as a stride-P convolution, run
+    as one matmul over flattened patches: XLA:CPU computes the stride-P convolution's kernel
+    gradient as a dilated convolution at about a tenth of its matmul rate (measured on the
+    ViT-B/32 train step: 2 s of 40 s), while the matmul runs at the full rate.
+    """
+
+    patch_size: int
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        n, h, w, c = images.shape
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (p, p, c, self.width), jnp.float32
+        )
+        patches = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, c)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // p) * (w // p), p * p * c)
+        return patches @ kernel.astype(self.dtype).reshape(p * p * c, self.width)
+
+
 class VisionTransformer(nn.Module):
     """Images [N, H, W, 3] -> image features [N, embed_dim] (ln_post(CLS) @ proj, not normalised)."""
 
@@ -211,16 +236,7 @@ class VisionTransformer(nn.Module):
         g = self.geometry
         w = g.vision_width
         scale = w**-0.5
-        x = nn.Conv(
-            w,
-            kernel_size=(g.patch_size, g.patch_size),
-            strides=(g.patch_size, g.patch_size),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            name="conv1",
-        )(images.astype(self.dtype))
-        x = x.reshape(x.shape[0], -1, w)
+        x = PatchEmbedding(g.patch_size, w, self.dtype, name="conv1")(images)
         cls = self.param("class_embedding", _normal(scale), (w,))
         pos = self.param("positional_embedding", _normal(scale), (g.grid**2 + 1, w))
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, w))
