@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNS ?= runs
 
-.PHONY: setup setup-test demo test lint clean
+.PHONY: setup setup-test demo bench test lint clean
 
 # torch is pinned to the CPU wheel before the extras are installed, so that nothing pulls a CUDA build.
 $(VENV)/.setup: pyproject.toml
@@ -22,10 +22,14 @@ $(VENV)/.setup-test: $(VENV)/.setup
 setup: $(VENV)/.setup
 setup-test: $(VENV)/.setup-test
 
+# CPU runs go through launch/with_jemalloc.sh (jemalloc keeping freed pages when it is installed).
 demo: setup
-	$(PY) -m caer_jax.train --config=configs/synthetic_tiny.py --workdir=$(RUNS)/synthetic_tiny
-	$(PY) -m caer_jax.train --config=configs/synthetic_tiny.py:face --workdir=$(RUNS)/synthetic_tiny_face
+	launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py --workdir=$(RUNS)/synthetic_tiny
+	launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py:face --workdir=$(RUNS)/synthetic_tiny_face
 	$(PY) -m caer_jax.report $(RUNS)/synthetic_tiny $(RUNS)/synthetic_tiny_face
+
+bench: setup
+	launch/with_jemalloc.sh $(PY) -m caer_jax.bench --out=$(RUNS)/bench.json
 
 lint: setup-test
 	$(PY) -m ruff check .

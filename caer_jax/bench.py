@@ -1,5 +1,8 @@
 """Speed figures: `python -m caer_jax.bench [--out=bench.json] [--skip_paper] [--build_clips=20]`.
 
+On a CPU host run it as `launch/with_jemalloc.sh python -m caer_jax.bench` (what `make bench`
+does), as training should be run there: the figures record which malloc the process used.
+
 Prints and writes (JSON) the measured large-matmul FLOP/s of this machine, and for the tiny and
 the paper geometry (ViT-B/32, 16 frames, two streams): train-step time, clips/s, model FLOPs per
 step from XLA's cost analysis and their ratio to the matmul rate, and eval clips/s; the input
@@ -165,6 +168,19 @@ def bench_build(num_clips: int) -> dict:
     return rate
 
 
+def host_allocator() -> str:
+    """ "jemalloc" when launch/with_jemalloc.sh (or anything else) preloaded it, else "system".
+
+    Recorded with the figures: on CPU the allocator moves the paper-geometry step by a quarter
+    (the script's header says why).
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return "jemalloc" if "libjemalloc" in maps else "system"
+
+
 def run(argv=()) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -172,6 +188,7 @@ def run(argv=()) -> None:
     results = {
         "device": str(jax.devices()[0].device_kind),
         "num_devices": jax.device_count(),
+        "host_allocator": host_allocator(),
         "matmul_flops_per_s": peak,
         "tiny": bench_model(synthetic_tiny.get_config(), 8, _REPEATS.value, peak),
     }
@@ -187,7 +204,10 @@ def run(argv=()) -> None:
         results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
     if _BUILD_CLIPS.value and not _SKIP_DATA.value:
         results["build_224px"] = bench_build(_BUILD_CLIPS.value)
-    print(f"device {results['device']} x{results['num_devices']}: matmul {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"device {results['device']} x{results['num_devices']} ({results['host_allocator']} "
+        f"malloc): matmul {peak / 1e9:.1f} GFLOP/s"
+    )
     for name in ("tiny", "paper_b32"):
         if name in results:
             r = results[name]

@@ -1,6 +1,10 @@
-"""The launch scripts' --dry-run prints what they would run; bad arguments are refused."""
+"""The launch scripts' --dry-run prints what they would run; bad arguments are refused;
+with_jemalloc.sh removes XLA:CPU's per-step page faults."""
 
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,8 +12,10 @@ import pytest
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 
-def _run(*args):
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60)
+def _run(*args, env=None):
+    return subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_local_dry_run_starts_n_processes_on_loopback():
@@ -66,3 +72,67 @@ def test_tpu_pod_dry_run_creates_installs_and_trains_on_all_workers():
 def test_tpu_pod_refuses_missing_separator():
     out = _run(LAUNCH / "tpu_pod.sh", "pod", "zone-a", "v4-32", "--workdir=x")
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def _installed_library(name: str) -> str | None:
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        if line.strip().startswith(f"{name} "):
+            return line.split("=>")[-1].strip()
+    return None
+
+
+# A jitted op on a 64 MB array: XLA:CPU mallocs its 64 MB output every call and frees it when the
+# result is dropped. Prints the minor page faults per call after a warm-up call.
+_FAULTS_PER_CALL = """
+import resource
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+f = jax.jit(lambda x: x * 2 + 1)
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+"""
+PAGES_PER_OUTPUT = 4096 * 4096 * 4 // 4096
+
+
+def _faults_per_call(jemalloc: str) -> int:
+    env = {"PATH": os.environ["PATH"], "JAX_PLATFORMS": "cpu", "CAER_JEMALLOC": jemalloc}
+    out = _run(LAUNCH / "with_jemalloc.sh", sys.executable, "-c", _FAULTS_PER_CALL, env=env)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(
+    _installed_library("libjemalloc.so.2") is None,
+    reason="libjemalloc.so.2 not installed (apt-get install libjemalloc2)",
+)
+def test_with_jemalloc_stops_per_call_page_faults():
+    # The premise: with the system malloc every call faults its whole output in again.
+    assert _faults_per_call("none") >= PAGES_PER_OUTPUT // 2
+    assert _faults_per_call(_installed_library("libjemalloc.so.2")) < PAGES_PER_OUTPUT // 50
+
+
+def test_with_jemalloc_preloads_the_library_and_passes_the_exit_status():
+    # Any shared library shows the wiring (zlib is everywhere); the allocator is the test above.
+    lib = _installed_library("libz.so.1")
+    env = {"PATH": os.environ["PATH"], "CAER_JEMALLOC": str(lib), "MALLOC_CONF": "narenas:2"}
+    show = 'echo "$LD_PRELOAD|$MALLOC_CONF"; grep -c "$(basename "$LD_PRELOAD")" /proc/self/maps; exit 3'
+    out = _run(LAUNCH / "with_jemalloc.sh", "bash", "-c", show, env=env)
+    assert out.returncode == 3
+    preload, maps_lines = out.stdout.split()
+    assert preload == f"{lib}|narenas:2"  # a MALLOC_CONF the user set is kept
+    assert int(maps_lines) > 0
+
+
+def test_with_jemalloc_refuses_a_missing_library_and_runs_plainly_when_disabled():
+    env = {"PATH": os.environ["PATH"], "CAER_JEMALLOC": "/no/such/libjemalloc.so.2"}
+    out = _run(LAUNCH / "with_jemalloc.sh", "true", env=env)
+    assert out.returncode == 2 and "/no/such/libjemalloc.so.2: no such file" in out.stderr
+    env["CAER_JEMALLOC"] = "none"
+    out = _run(LAUNCH / "with_jemalloc.sh", "bash", "-c", 'echo "[$LD_PRELOAD]"', env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "[]"
+    assert _run(LAUNCH / "with_jemalloc.sh").returncode == 2
