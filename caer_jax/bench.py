@@ -180,11 +180,8 @@ def bench_build(num_clips: int) -> dict:
 
 
 def host_allocator() -> str:
-    """ "jemalloc" when launch/with_jemalloc.sh (or anything else) preloaded it, else "system".
-
-    Recorded with the figures: on CPU the allocator moves the paper-geometry step by a quarter
-    (the script's header says why).
-    """
+    """Which malloc this process runs on: jemalloc (preloaded by launch/with_jemalloc.sh) or the
+    system's. Recorded with the figures: on CPU it moves the paper-geometry step by 10-30 %."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:

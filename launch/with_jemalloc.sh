@@ -6,11 +6,11 @@
 #
 # Why: XLA:CPU mallocs every execution's buffers (several GB of temporaries for a ViT-B/32 train
 # step) and frees them when it ends. glibc hands blocks above 32 MB back to the kernel at once, so
-# each step page-faults and zeroes its whole working set again: 10 s of a 39 s paper-geometry step
-# on the 2-core host of README "Speed". jemalloc with dirty_decay_ms:-1 keeps freed pages mapped and
-# reuses them; the process keeps its peak memory until it exits, which a training step reaches
-# again every step anyway. (glibc's own knobs, no mmap and no trim, leak with XLA's aligned
-# allocations; glibc.malloc.hugetlb=1 only saves 2 of the 10 s, the zeroing stays.)
+# each step page-faults and zeroes its whole working set again (README "Speed": the paper-geometry
+# step takes 38-55 s so on the 2-core host, 34-38 s with this). jemalloc with dirty_decay_ms:-1
+# keeps freed pages mapped and reuses them; the process keeps its peak memory until it exits,
+# which a training step reaches again every step anyway. (glibc's own knobs, no mmap and no trim,
+# leak with XLA's aligned allocations; glibc.malloc.hugetlb=1 saves 2 s, the zeroing stays.)
 #
 # The library: $CAER_JEMALLOC if set (a path, or "none" to run the command as it is), else
 # libjemalloc.so.2 as the dynamic linker finds it (Debian/Ubuntu: apt-get install libjemalloc2).
@@ -24,7 +24,8 @@ fi
 
 lib="${CAER_JEMALLOC:-}"
 if [[ -z "$lib" ]]; then
-  lib="$(/sbin/ldconfig -p 2>/dev/null | awk '$1 == "libjemalloc.so.2" {print $NF; exit}')"
+  ldconfig="$(command -v ldconfig || echo /sbin/ldconfig)"
+  lib="$("$ldconfig" -p 2>/dev/null | awk '$1 == "libjemalloc.so.2" {print $NF; exit}')"
   if [[ -z "$lib" ]]; then
     echo "with_jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2); running with" \
       "the system malloc, slower on CPU" >&2
