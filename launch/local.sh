@@ -7,6 +7,7 @@
 #
 # Each process sees K fake CPU devices (default 1) and runs under with_jemalloc.sh; logs go to
 # WORKDIR-independent files local-<i>.log in $LOG_DIR (default: the current directory).
+# The first process to fail stops the others; the exit status is 1 then, else 0.
 set -euo pipefail
 
 dry_run=0 devices=1 port=12355
@@ -43,12 +44,28 @@ for ((i = 0; i < n; i++)); do
 done
 [[ $dry_run -eq 1 ]] && exit 0
 
+# The first process to fail stops the rest: its peers would otherwise wait minutes in
+# jax.distributed's registration or a collective for a process that is gone. SIGKILL, not SIGTERM:
+# SIGTERM asks training for a checkpoint, which needs every process.
+declare -A live  # pid -> process index
+for i in "${!pids[@]}"; do live[${pids[$i]}]=$i; done
 status=0
-for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; last lines of $log_dir/local-$i.log:" >&2
-    tail -n 20 "$log_dir/local-$i.log" >&2
-    status=1
+while [[ ${#live[@]} -gt 0 ]]; do
+  code=0
+  wait -n -p finished "${!live[@]}" || code=$?
+  i="${live[$finished]}"
+  unset "live[$finished]"
+  [[ $code -eq 0 ]] && continue
+  if [[ $status -ne 0 ]]; then
+    echo "process $i stopped (status $code)" >&2
+    continue
+  fi
+  status=1
+  echo "process $i failed (status $code); last lines of $log_dir/local-$i.log:" >&2
+  tail -n 20 "$log_dir/local-$i.log" >&2
+  if [[ ${#live[@]} -gt 0 ]]; then
+    echo "stopping the other processes" >&2
+    kill -KILL "${!live[@]}" 2> /dev/null || true
   fi
 done
 exit $status

@@ -25,7 +25,10 @@ fi
 lib="${CAER_JEMALLOC:-}"
 if [[ -z "$lib" ]]; then
   ldconfig="$(command -v ldconfig || echo /sbin/ldconfig)"
-  lib="$("$ldconfig" -p 2>/dev/null | awk '$1 == "libjemalloc.so.2" {print $NF; exit}')"
+  # No ldconfig means no jemalloc. awk reads the whole listing: stopping at the match would kill
+  # ldconfig with SIGPIPE once its listing outgrows the pipe buffer, and pipefail would then end
+  # this script silently (seen in CI: one of two local.sh processes exited without a word).
+  lib="$({ "$ldconfig" -p 2>/dev/null || true; } | awk '$1 == "libjemalloc.so.2" && !lib {lib = $NF} END {print lib}')"
   if [[ -z "$lib" ]]; then
     echo "with_jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2); running with" \
       "the system malloc, slower on CPU" >&2

@@ -45,6 +45,21 @@ def test_local_refuses_bad_arguments(args):
     assert "usage" in out.stderr or "positive integer" in out.stderr
 
 
+def test_local_stops_the_others_when_one_process_fails(tmp_path):
+    # A stand-in interpreter: process 1 fails at once, process 0 would wait ten minutes for it.
+    fake_python = tmp_path / "python"
+    fake_python.write_text(
+        '#!/usr/bin/env bash\n[[ $JAX_PROCESS_ID == 1 ]] && { echo "cannot start"; exit 7; }\n'
+        "exec sleep 600\n"
+    )
+    fake_python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_python), LOG_DIR=str(tmp_path), CAER_JEMALLOC="none")
+    out = _run(LAUNCH / "local.sh", "2", "caer_jax.train", env=env)  # times out if not stopped
+    assert out.returncode == 1
+    assert "process 1 failed (status 7)" in out.stderr and "cannot start" in out.stderr
+    assert "process 0 stopped (status 137)" in out.stderr
+
+
 def test_slurm_dry_run_uses_srun_with_auto_detection():
     out = _run(
         LAUNCH / "slurm_gpu.sbatch", "--dry-run", "--config=configs/clip_caer_b32.py", "--workdir=w"
@@ -138,3 +153,32 @@ def test_with_jemalloc_refuses_a_missing_library_and_runs_plainly_when_disabled(
     out = _run(LAUNCH / "with_jemalloc.sh", "bash", "-c", 'echo "[$LD_PRELOAD]"', env=env)
     assert out.returncode == 0 and out.stdout.strip() == "[]"
     assert _run(LAUNCH / "with_jemalloc.sh").returncode == 2
+
+
+def _fake_ldconfig(tmp_path: Path, listing_head: str) -> dict:
+    """An environment whose `ldconfig -p` prints `listing_head` and then 2 MB of other libraries,
+    far more than a pipe holds, so a reader that stops early breaks the pipe."""
+    fake = tmp_path / "bin/ldconfig"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f"printf '%s' '{listing_head}'\n"
+        'for i in $(seq 40000); do echo "  libother$i.so (libc6,x86-64) => /lib/libother$i.so"; done\n'
+    )
+    fake.chmod(0o755)
+    return {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+
+
+def test_with_jemalloc_finds_the_library_early_in_a_long_ldconfig_listing(tmp_path):
+    lib = _installed_library("libz.so.1")
+    env = _fake_ldconfig(tmp_path, f"\tlibjemalloc.so.2 (libc6,x86-64) => {lib}\n")
+    out = _run(LAUNCH / "with_jemalloc.sh", "bash", "-c", 'echo "$LD_PRELOAD"; exit 3', env=env)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.strip() == lib
+
+
+def test_with_jemalloc_runs_plainly_with_a_note_when_ldconfig_lists_none(tmp_path):
+    env = _fake_ldconfig(tmp_path, "")
+    out = _run(LAUNCH / "with_jemalloc.sh", "bash", "-c", 'echo "[$LD_PRELOAD]"', env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "[]"
+    assert "libjemalloc.so.2 not found" in out.stderr
