@@ -116,7 +116,7 @@ class Checkpoints:
         """Saves asynchronously; with `data_iterator` also its position (exact resume)."""
         step = int(jax.device_get(state.step))
         items = {
-            "state": ocp.args.StandardSave(state),
+            "state": ocp.args.PyTreeSave(state),
             "config": ocp.args.JsonSave(config.to_dict()),
             "meta": ocp.args.JsonSave(meta),
         }
@@ -156,17 +156,32 @@ class Checkpoints:
         """The state at `step` laid out like `target` (ShapeDtypeStructs with shardings) and the
         checkpoint's metadata. With `config`, refuses an incompatible checkpoint; with
         `data_iterator`, moves that iterator to the saved position."""
-        where = self.directory / str(step)
-        if config is not None:
-            saved = self.manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-            )
-            check_compatible(saved.config, config, where)
-        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        self._check_config(step, config)
+        items = {"state": _restore_args(target), "meta": ocp.args.JsonRestore()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored.state, restored.meta
+
+    def restore_params(
+        self, step: int, target: Any, *, config: ml_collections.ConfigDict | None = None
+    ) -> tuple[Any, dict]:
+        """Only the parameters at `step`, laid out like `target` (abstract parameters with
+        shardings), and the metadata. Evaluation and prediction need neither the optimizer state
+        (twice the parameters under AdamW) nor the schedule it was built with."""
+        self._check_config(step, config)
+        items = {
+            "state": _restore_args({"params": target}, partial_restore=True),
+            "meta": ocp.args.JsonRestore(),
+        }
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.state["params"], restored.meta
+
+    def _check_config(self, step: int, config: ml_collections.ConfigDict | None) -> None:
+        if config is None:
+            return
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        check_compatible(saved.config, config, self.directory / str(step))
 
     def restore_newest_intact(self, restore_fn: Callable[[int], Any]) -> tuple[int, Any] | None:
         """`(step, restore_fn(step))` for the newest step that restores, skipping (and saying so)
@@ -206,6 +221,16 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _restore_args(target: Any, partial_restore: bool = False) -> ocp.args.PyTreeRestore:
+    # PyTree (not Standard) arguments for saving and restoring alike: an orbax manager binds one
+    # handler per item, and only the PyTree handler restores a subtree (partial_restore).
+    return ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial_restore,
+    )
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

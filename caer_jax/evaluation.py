@@ -88,15 +88,14 @@ def evaluate_checkpoint(
     resolved = ckpts.resolve_step(step)
     mesh = sharding.make_mesh(config.mesh)
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
-    # The optimizer state is restored too (it is part of the saved pytree) and then dropped.
-    abstract = state_lib.abstract_state(model, config, pipeline.steps_per_epoch(config))
+    abstract = state_lib.abstract_params(model, config)
     target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
-    restored, meta = ckpts.restore(resolved, target, config=config)
+    params, meta = ckpts.restore_params(resolved, target, config=config)
     ckpts.close()
-    logging.info("restored step %d from %s", resolved, ckpts.directory)
+    logging.info("restored the parameters of step %d from %s", resolved, ckpts.directory)
 
-    step_fn = make_eval_step(model, config, mesh, restored.params)
-    summary = evaluate(step_fn, restored.params, config, split, mesh)
+    step_fn = make_eval_step(model, config, mesh, params)
+    summary = evaluate(step_fn, params, config, split, mesh)
     predictions = summary.pop("predictions")
     summary.update(
         split=split,

@@ -175,15 +175,13 @@ def restore_params(
     try:
         resolved = ckpts.resolve_step(step)
         model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
-        # The optimizer's state shapes do not depend on the schedule, so any steps_per_epoch does
-        # (and no dataset is needed). It is restored with the parameters and dropped.
-        abstract = state_lib.abstract_state(model, config, steps_per_epoch=1)
+        abstract = state_lib.abstract_params(model, config)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = checkpoint.with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-        restored, _ = ckpts.restore(resolved, target, config=config)
+        params, _ = ckpts.restore_params(resolved, target, config=config)
     finally:
         ckpts.close()
-    return model, restored.params, resolved
+    return model, params, resolved
 
 
 def _probabilities(params: Any, face, context, *, model, streams: str):

@@ -176,6 +176,20 @@ def test_incompatible_config_is_refused(reference):
         ckpts.restore(TOTAL_STEPS, abstract, config=other)
 
 
+def test_parameters_restore_alone_without_the_optimizer_state(reference):
+    # What eval and predict load: the same parameters as the whole state holds, on any mesh.
+    config, root, expected = reference
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    abstract = state_lib.abstract_params(model, config)
+    mesh = sharding.make_mesh(config.mesh)
+    target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+    ckpts = checkpoint.Checkpoints(root / "reference", read_only=True)
+    params, meta = ckpts.restore_params(TOTAL_STEPS, target, config=config)
+    ckpts.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
+    assert meta == final_params(config, root / "reference", TOTAL_STEPS)[1]
+
+
 def test_steps_per_epoch_is_what_the_tests_assume(reference):
     config, _, _ = reference
     assert pipeline.steps_per_epoch(config) == STEPS_PER_EPOCH
