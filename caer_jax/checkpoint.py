@@ -177,6 +177,10 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored.state["params"], restored.meta
 
+    def read_meta(self, step: int) -> dict:
+        """The metadata record of `step` alone."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
     def _check_config(self, step: int, config: ml_collections.ConfigDict | None) -> None:
         if config is None:
             return

@@ -64,7 +64,19 @@ def _log_param_groups(params: Any, optim_config: ml_collections.ConfigDict, work
         (workdir / "param_groups.txt").write_text("\n".join(lines) + "\n")
 
 
-def _meta(config: ml_collections.ConfigDict, epoch: int, history: list, nonfinite: int) -> dict:
+def _iterator_layout(config: ml_collections.ConfigDict, start_step: int) -> dict:
+    # What a saved iterator state is relative to: the step its iterator started at, the process
+    # count that split the batches and the worker processes (grain's state has one per worker).
+    return {
+        "start_step": start_step,
+        "process_count": jax.process_count(),
+        "worker_count": config.data.worker_count,
+    }
+
+
+def _meta(
+    config: ml_collections.ConfigDict, epoch: int, history: list, nonfinite: int, data_start: int
+) -> dict:
     return {
         "epoch": epoch,
         "selection_split": config.train.selection_split,
@@ -74,6 +86,7 @@ def _meta(config: ml_collections.ConfigDict, epoch: int, history: list, nonfinit
         "history": history,
         "skipped_nonfinite_steps": nonfinite,
         "code_version": checkpoint.code_version(),
+        "data_iterator": _iterator_layout(config, data_start),
     }
 
 
@@ -159,35 +172,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
-    def new_iterator(start_epoch: int):
+    def new_iterator(start_step: int):
         return pipeline.train_iterator(
             config,
             seed=config.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            start_epoch=start_epoch,
+            start_step=start_step,
         )
 
     target = checkpoint.with_shardings(abstract, state_shardings)
 
     def restore(step: int):
-        # At an epoch boundary the data order is a function of the epoch alone (any topology);
-        # mid-epoch the saved iterator position is restored (same process count).
-        if step % steps_per_epoch == 0:
-            state, meta = ckpts.restore(step, target, config=config)
-            return state, meta, new_iterator(step // steps_per_epoch)
-        train_iter = new_iterator(0)
-        state, meta = ckpts.restore(step, target, config=config, data_iterator=train_iter)
-        return state, meta, train_iter
+        saved = ckpts.read_meta(step).get("data_iterator")
+        if saved and saved == _iterator_layout(config, saved["start_step"]):
+            # The saved position, in an iterator made as the saving run made its own.
+            data_start = saved["start_step"]
+            train_iter = new_iterator(data_start)
+            from_iterator = train_iter
+        else:
+            # Another process or worker count: the saved states do not fit. The global batches
+            # are a function of the step alone, so a new iterator starts at the step.
+            logging.info("data iterator saved as %s; starting it at step %d", saved, step)
+            data_start = step
+            train_iter = new_iterator(data_start)
+            from_iterator = None
+        try:
+            state, meta = ckpts.restore(step, target, config=config, data_iterator=from_iterator)
+        except BaseException:
+            train_iter.close()  # its worker processes, before the previous checkpoint is tried
+            raise
+        return state, meta, train_iter, data_start
 
     resumed = ckpts.restore_newest_intact(restore)
     if resumed is None:
         params = caer.init_params(model, config.model, init_rng)
         state = jax.device_put(state_lib.create(params, tx), state_shardings)
         history, nonfinite = [], 0
-        train_iter = new_iterator(0)
+        data_start = 0
+        train_iter = new_iterator(data_start)
     else:
-        resume_step, (state, meta, train_iter) = resumed
+        resume_step, (state, meta, train_iter, data_start) = resumed
         history, nonfinite = meta["history"], meta["skipped_nonfinite_steps"]
         logging.info("resumed from step %d in %s", resume_step, ckpts.directory)
     _log_param_groups(state.params, config.optim, workdir)
@@ -267,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 ckpts.save(
                     state,
                     config=config,
-                    meta=_meta(config, epoch, history, nonfinite),
+                    meta=_meta(config, epoch, history, nonfinite, data_start),
                     metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
                     data_iterator=train_iter,
                 )

@@ -111,8 +111,8 @@ def test_sigkill_then_resume_gives_the_same_parameters(reference):
     jax.tree.map(np.testing.assert_array_equal, params, expected)
 
 
-def test_sigterm_saves_at_the_signal_step_and_exits_cleanly(reference):
-    config, root, _ = reference
+def test_sigterm_saves_at_the_signal_step_exits_cleanly_and_resumes(reference):
+    config, root, expected = reference
     workdir = root / "preempted"
     proc = start_training(root, workdir)
     wait_for_step(proc, workdir, 2)
@@ -122,6 +122,12 @@ def test_sigterm_saves_at_the_signal_step_and_exits_cleanly(reference):
     match = re.search(r"preempted: saved step (\d+)", out)
     assert match, out[-3000:]
     assert max(saved_steps(workdir)) == int(match.group(1)) < TOTAL_STEPS
+    # Resumed with grain worker processes, whose iterator state differs from the saved one: the
+    # data restarts at the step, and the run ends where the uninterrupted one did.
+    out = finish(start_training(root, workdir, "--config.data.worker_count=2"))
+    assert f"starting it at step {match.group(1)}" in out
+    params, _ = final_params(config, workdir, TOTAL_STEPS)
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):

@@ -1,6 +1,7 @@
 """Several hosts on one machine: `launch/local.sh 2 --devices-per-process 2` trains, checkpoints
-and evaluates like one process with 4 devices; evaluation of that checkpoint over 2 processes
-and over 1, 2 and 8 devices of one process counts every test clip once with the same metrics.
+and evaluates like one process with 4 devices; its mid-epoch checkpoint resumes in one process to
+the same result; evaluation of that checkpoint over 2 processes and over 1, 2 and 8 devices of one
+process counts every test clip once with the same metrics.
 
 The synthetic dataset has 42 clips: 33 train (4 steps of 8, one clip dropped) and 9 test, so the
 eval batch of 8 leaves a last batch of 1 clip and 7 padding rows.
@@ -9,6 +10,7 @@ eval batch of 8 leaves a last batch of 1 clip and 7 padding rows.
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +44,7 @@ def tiny_overrides(root: Path) -> dict:
             "train.num_epochs": 1,
             "train.log_every_steps": 1,
             "train.eval_batch_size": EVAL_BATCH,
+            "train.checkpoint_every_steps": 2,  # a mid-epoch checkpoint at step 2 of 4
         },
     )
 
@@ -81,6 +84,10 @@ def local_sh(root: Path, module: str, workdir: Path, *extra: str) -> None:
     )
     logs = "\n".join((root / f"local-{i}.log").read_text()[-3000:] for i in range(2))
     assert result.returncode == 0, result.stderr[-3000:] + logs
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def read_predictions(path: Path) -> dict:
@@ -128,9 +135,7 @@ def test_two_processes_train_checkpoint_and_evaluate(two_process_run):
     assert sum(row["support"] for row in metrics["per_class"].values()) == NUM_TEST
     predictions = read_predictions(workdir / "predictions.csv")
     assert sorted(predictions) == sorted(test_ids)  # every test clip once
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
-        4
-    ]
+    assert saved_steps(workdir) == [2, 4]
     assert list((workdir / "tensorboard").iterdir())  # written by process 0
 
 
@@ -146,6 +151,29 @@ def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_
     theirs = probabilities(read_predictions(workdir / "predictions.csv"))
     print(f"2 processes vs 1: max |d prob| {np.max(np.abs(ours - theirs)):.2e}")
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=PROB_TOL)
+
+
+def test_mid_epoch_checkpoint_of_two_processes_resumes_in_one(
+    two_process_run, tmp_path, monkeypatch
+):
+    # Each process saved its own iterator position; one process splits the global batches
+    # differently and starts a new iterator at the step instead.
+    config, _, workdir, _ = two_process_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints/4")
+    assert saved_steps(resumed) == [2]
+    on_devices(monkeypatch, 4)
+    results = train.train_and_evaluate(config, resumed)
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    for key in ("uar", "war", "num_clips", "confusion_matrix"):
+        assert metrics[key] == results[key], key
+    ours = probabilities(read_predictions(resumed / "predictions.csv"))
+    theirs = probabilities(read_predictions(workdir / "predictions.csv"))
+    print(
+        f"resumed in 1 process vs 2 processes throughout: max |d prob| {np.max(np.abs(ours - theirs)):.2e}"
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=PROB_TOL)
 
 
 def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatch):

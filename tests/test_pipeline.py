@@ -289,22 +289,42 @@ def test_train_deterministic_for_a_seed(data_dir):
 
 
 def test_train_state_restore_resumes_exactly(data_dir):
+    # In an iterator made with the same arguments, here one that started mid-epoch.
     config = _config(data_dir)
-    it = pipeline.train_iterator(config, seed=2, process_index=0, process_count=1)
-    _take(it, 3)
+    it = pipeline.train_iterator(config, seed=2, process_index=0, process_count=1, start_step=1)
+    _take(it, 2)
     state = it.get_state()
     expected = _take(it, 3)  # crosses the epoch boundary
-    fresh = pipeline.train_iterator(config, seed=2, process_index=0, process_count=1)
+    fresh = pipeline.train_iterator(config, seed=2, process_index=0, process_count=1, start_step=1)
     fresh.set_state(state)
     _assert_batches_equal(_take(fresh, 3), expected)
 
 
-def test_train_start_epoch(data_dir):
+@pytest.mark.parametrize("start_step", [1, 2, 3])
+def test_train_start_step_gives_the_same_global_batches_on_any_process_count(data_dir, start_step):
+    # Mid-epoch (odd) and epoch-boundary (even) starts, as a resume on another topology makes.
     config = _config(data_dir)
-    it = pipeline.train_iterator(config, seed=2, process_index=0, process_count=1)
-    expected = _take(it, 4)[2:]
-    later = pipeline.train_iterator(config, seed=2, process_index=0, process_count=1, start_epoch=1)
-    _assert_batches_equal(_take(later, 2), expected)
+    assert pipeline.steps_per_epoch(config) == 2
+    whole = _take(
+        pipeline.train_iterator(config, seed=2, process_index=0, process_count=1), start_step + 2
+    )[start_step:]
+    later = pipeline.train_iterator(
+        config, seed=2, process_index=0, process_count=1, start_step=start_step
+    )
+    _assert_batches_equal(_take(later, 2), whole)
+    parts = [
+        _take(
+            pipeline.train_iterator(
+                config, seed=2, process_index=p, process_count=2, start_step=start_step
+            ),
+            2,
+        )
+        for p in range(2)
+    ]
+    for step, batch in enumerate(whole):
+        for key in batch:
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key], err_msg=key)
 
 
 def test_worker_processes_give_the_same_batches_and_state(data_dir):

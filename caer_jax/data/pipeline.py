@@ -149,6 +149,7 @@ class _TrainElement:
 
     Position i is row r of global batch `step` of epoch `start_epoch + e`, with
     (e, step, r) from i; the record is that epoch's permutation at step * global + block + r.
+    A stream that starts mid-epoch starts at a later position, not at another mapping.
     """
 
     def __init__(
@@ -215,12 +216,12 @@ class _EvalElement:
 
 
 def _iterate(
-    element_fn, length: int, batch_size: int, config: ml_collections.ConfigDict
+    element_fn, positions: range, batch_size: int, config: ml_collections.ConfigDict
 ) -> grain.DatasetIterator:
     # Batches read ahead (and reader threads) per process; grain wants threads <= buffer.
     prefetch = max(1, config.data.prefetch_buffer_size)
     dataset = (
-        grain.MapDataset.range(length)
+        grain.MapDataset.range(positions.start, positions.stop)
         .map(element_fn)
         .batch(batch_size, drop_remainder=True)
         .to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
@@ -254,18 +255,18 @@ def train_iterator(
     seed: int,
     process_index: int,
     process_count: int,
-    start_epoch: int = 0,
+    start_step: int = 0,
 ) -> grain.DatasetIterator:
-    """Endless iterator of this process's train batches, from the first batch of `start_epoch`.
+    """Endless iterator of this process's train batches, from global batch `start_step`.
 
     Each epoch is a fresh shuffle with steps_per_epoch(config) batches of
     config.train.batch_size // process_count clips. Checkpoint with `get_state()` and resume with
-    `set_state(state)` on an iterator made with the same arguments (or start a new one at an
-    epoch boundary with `start_epoch`).
+    `set_state(state)` on an iterator made with the same arguments; or, with any process count,
+    make a new one at the step to resume from (the global batches are the same).
     """
-    source = data_source(config, config.data.train_split)
+    start_epoch, first_step = divmod(start_step, steps_per_epoch(config))
     element = _TrainElement(
-        source,
+        data_source(config, config.data.train_split),
         _ClipLoader.from_config(config),
         seed=seed,
         global_batch=config.train.batch_size,
@@ -273,11 +274,10 @@ def train_iterator(
         process_count=process_count,
         start_epoch=start_epoch,
     )
-    if element.steps == 0:
-        steps_per_epoch(config)  # raises the error that names the split and batch size
     # Endless: the length is a whole number of epochs close to sys.maxsize.
     length = (sys.maxsize // 2 // element.elements_per_epoch) * element.elements_per_epoch
-    return _iterate(element, length, element.local_batch, config)
+    positions = range(first_step * element.local_batch, length)
+    return _iterate(element, positions, element.local_batch, config)
 
 
 def eval_batches(
@@ -292,7 +292,9 @@ def eval_batches(
         process_index=process_index,
         process_count=process_count,
     )
-    iterator = _iterate(element, element.steps * element.local_batch, element.local_batch, config)
+    iterator = _iterate(
+        element, range(element.steps * element.local_batch), element.local_batch, config
+    )
     try:
         yield from iterator
     finally:
