@@ -104,6 +104,17 @@ def probabilities(predictions: dict) -> np.ndarray:
     )
 
 
+def assert_same_results(results: dict, ours: Path, theirs: Path, what: str) -> None:
+    """The in-process run's `results` and predictions in `ours` match the run in `theirs`."""
+    metrics = json.loads((theirs / "metrics.json").read_text())
+    for key in ("uar", "war", "num_clips", "confusion_matrix"):
+        assert metrics[key] == results[key], key
+    our_probs = probabilities(read_predictions(ours / "predictions.csv"))
+    their_probs = probabilities(read_predictions(theirs / "predictions.csv"))
+    print(f"{what}: max |d prob| {np.max(np.abs(our_probs - their_probs)):.2e}")
+    np.testing.assert_allclose(our_probs, their_probs, rtol=0, atol=PROB_TOL)
+
+
 _MAKE_MESH = sharding.make_mesh
 
 
@@ -144,13 +155,7 @@ def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_
     on_devices(monkeypatch, 4)
     single = tmp_path / "one_process"
     results = train.train_and_evaluate(config, single)
-    metrics = json.loads((workdir / "metrics.json").read_text())
-    for key in ("uar", "war", "num_clips", "confusion_matrix"):
-        assert metrics[key] == results[key], key
-    ours = probabilities(read_predictions(single / "predictions.csv"))
-    theirs = probabilities(read_predictions(workdir / "predictions.csv"))
-    print(f"2 processes vs 1: max |d prob| {np.max(np.abs(ours - theirs)):.2e}")
-    np.testing.assert_allclose(theirs, ours, rtol=0, atol=PROB_TOL)
+    assert_same_results(results, single, workdir, "2 processes vs 1")
 
 
 def test_mid_epoch_checkpoint_of_two_processes_resumes_in_one(
@@ -165,15 +170,7 @@ def test_mid_epoch_checkpoint_of_two_processes_resumes_in_one(
     assert saved_steps(resumed) == [2]
     on_devices(monkeypatch, 4)
     results = train.train_and_evaluate(config, resumed)
-    metrics = json.loads((workdir / "metrics.json").read_text())
-    for key in ("uar", "war", "num_clips", "confusion_matrix"):
-        assert metrics[key] == results[key], key
-    ours = probabilities(read_predictions(resumed / "predictions.csv"))
-    theirs = probabilities(read_predictions(workdir / "predictions.csv"))
-    print(
-        f"resumed in 1 process vs 2 processes throughout: max |d prob| {np.max(np.abs(ours - theirs)):.2e}"
-    )
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=PROB_TOL)
+    assert_same_results(results, resumed, workdir, "resumed in 1 process vs 2 throughout")
 
 
 def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatch):
