@@ -184,21 +184,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     target = checkpoint.with_shardings(abstract, state_shardings)
 
     def restore(step: int):
+        # The saved position fits an iterator made as the saving run made its own. With another
+        # process or worker count it does not; the global batches are a function of the step
+        # alone, so a new iterator starts at the step instead.
         saved = ckpts.read_meta(step).get("data_iterator")
-        if saved and saved == _iterator_layout(config, saved["start_step"]):
-            # The saved position, in an iterator made as the saving run made its own.
-            data_start = saved["start_step"]
-            train_iter = new_iterator(data_start)
-            from_iterator = train_iter
-        else:
-            # Another process or worker count: the saved states do not fit. The global batches
-            # are a function of the step alone, so a new iterator starts at the step.
+        fits = bool(saved) and saved == _iterator_layout(config, saved["start_step"])
+        if not fits:
             logging.info("data iterator saved as %s; starting it at step %d", saved, step)
-            data_start = step
-            train_iter = new_iterator(data_start)
-            from_iterator = None
+        data_start = saved["start_step"] if fits else step
+        train_iter = new_iterator(data_start)
         try:
-            state, meta = ckpts.restore(step, target, config=config, data_iterator=from_iterator)
+            state, meta = ckpts.restore(
+                step, target, config=config, data_iterator=train_iter if fits else None
+            )
         except BaseException:
             train_iter.close()  # its worker processes, before the previous checkpoint is tried
             raise
