@@ -55,9 +55,9 @@ def test_local_stops_the_others_when_one_process_fails(tmp_path):
     fake_python.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake_python), LOG_DIR=str(tmp_path), CAER_JEMALLOC="none")
     out = _run(LAUNCH / "local.sh", "2", "caer_jax.train", env=env)  # times out if not stopped
-    assert out.returncode == 1
-    assert "process 1 failed (status 7)" in out.stderr and "cannot start" in out.stderr
-    assert "process 0 stopped (status 137)" in out.stderr
+    assert out.returncode == 1, out.stderr
+    assert "process 1 failed (status 7)" in out.stderr and "cannot start" in out.stderr, out.stderr
+    assert "process 0 stopped (status 137)" in out.stderr, out.stderr
 
 
 def test_slurm_dry_run_uses_srun_with_auto_detection():
