@@ -77,3 +77,11 @@ def test_weights_file_without_tokenizer_files(tmp_path):
         tokenizer_lib.load_tokenizer(cfg)
     tokenizer_lib.write_offline_vocab(tmp_path)
     assert len(tokenizer_lib.load_tokenizer(cfg)) < 1024
+
+
+def test_folder_without_a_vocabulary_is_refused(tmp_path):
+    cfg = ml_collections.ConfigDict({"source": str(tmp_path), "vocab_size": 49408})
+    with pytest.raises(FileNotFoundError, match="no CLIP vocabulary found"):
+        tokenizer_lib.load_tokenizer(cfg)
+    tokenizer_lib.write_offline_vocab(tmp_path)
+    assert len(tokenizer_lib.load_tokenizer(cfg)) < 1024

@@ -152,8 +152,17 @@ def load_tokenizer(clip_cfg: Any) -> Any:
                 f"vocab.json and merges.txt in {folder}, which are missing (copy them from "
                 "a Hugging Face CLIP folder, e.g. openai/clip-vit-base-patch32)"
             )
-        return CLIPTokenizer.from_pretrained(str(folder))
-    return CLIPTokenizer.from_pretrained(source)
+        tok = CLIPTokenizer.from_pretrained(str(folder))
+    else:
+        tok = CLIPTokenizer.from_pretrained(source)
+    # transformers builds a tokenizer of the special tokens alone when it finds no vocabulary (an
+    # empty folder, or a hub id without network); it would turn every prompt into unknown bytes.
+    if len(tok) <= len(tok.all_special_tokens):
+        raise FileNotFoundError(
+            f"config.model.clip.source={source!r}: no CLIP vocabulary found (vocab.json and "
+            "merges.txt); a hub id needs the network, or download its folder and give that path"
+        )
+    return tok
 
 
 def tokenize(tokenizer: Any, texts: list[str] | tuple[str, ...], context_length: int) -> np.ndarray:
