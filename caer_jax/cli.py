@@ -1,16 +1,23 @@
-"""What every command-line entry point does first: argument checks, log hygiene, and joining a
-multi-process job."""
+"""What every command-line entry point does first: argument checks, log hygiene, the persistent
+compilation cache, and joining a multi-process job."""
 
 from __future__ import annotations
 
 import logging as py_logging
 
-from absl import app, logging
+from absl import app, flags, logging
 
-from caer_jax import distributed
+from caer_jax import compilation, distributed
 
 # Libraries whose INFO lines (orbax logs every handler registration) drown the training log.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    compilation.DEFAULT_CACHE_DIR,
+    "Directory of JAX's persistent compilation cache (compiled programs reused by the next run, "
+    "resume or eval of the same config); empty: off.",
+)
 
 
 class _LibraryInfoFilter(py_logging.Filter):
@@ -35,3 +42,4 @@ def start(argv, **required_flags) -> None:
         raise app.UsageError(f"{' and '.join(missing)} required")
     quiet_library_logs()
     distributed.initialize()
+    compilation.enable_persistent_cache(_COMPILATION_CACHE.value)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from caer_jax import checkpoint, metrics, sharding, steps
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline
+from caer_jax.data import pipeline, prefetch
 from caer_jax.models import caer
 from caer_jax.prompts import CLASS_NAMES
 
@@ -37,12 +37,19 @@ def predict_split(
     step_fn, params: Any, config: ml_collections.ConfigDict, split: str, mesh
 ) -> dict:
     """Class probabilities, labels and record indices of every clip of `split`, once each."""
-    outputs = []
-    batches = pipeline.eval_batches(
+    host_batches = pipeline.eval_batches(
         config, split, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    for host_batch in tqdm(batches, desc=f"eval {split}", disable=jax.process_index() != 0):
-        out = jax.device_get(step_fn(params, pipeline.global_batch(host_batch, mesh)))
+    # Batches reach the devices ahead of use and outputs stay there until the split is done:
+    # one transfer back instead of a sync per batch.
+    batches = prefetch.DevicePrefetch(host_batches, mesh, host_fields=())
+    device_outputs = []
+    for batch, _ in tqdm(batches, desc=f"eval {split}", disable=jax.process_index() != 0):
+        device_outputs.append(step_fn(params, batch))
+        if len(device_outputs) > 2:  # bounds the batches held on the devices
+            jax.block_until_ready(device_outputs[-3])
+    outputs = []
+    for out in jax.device_get(device_outputs):
         keep = out.pop("mask")
         outputs.append({k: v[keep] for k, v in out.items()})
     result = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}

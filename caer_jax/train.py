@@ -8,6 +8,7 @@ checkpoint; the best checkpoint by UAR is evaluated on the test split at the end
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import time
 from pathlib import Path
@@ -21,9 +22,19 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 
-from caer_jax import checkpoint, cli, evaluation, metrics, optim, sharding, steps
+from caer_jax import (
+    checkpoint,
+    cli,
+    compilation,
+    evaluation,
+    host_loop,
+    metrics,
+    optim,
+    sharding,
+    steps,
+)
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline, prepare
+from caer_jax.data import pipeline, prefetch, prepare
 from caer_jax.models import caer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -90,14 +101,45 @@ def _meta(
     }
 
 
-def _nonfinite_error(config, step: int, host_batch: dict, step_metrics: dict) -> FloatingPointError:
+def _nonfinite_error(config, record: host_loop.StepRecord) -> FloatingPointError:
     ids = pipeline.video_ids(config, config.data.train_split)
-    clips = [ids[i] for i in host_batch["index"]]
+    clips = [ids[i] for i in record.clips]
     return FloatingPointError(
-        f"non-finite loss ({step_metrics['loss']}) or gradient norm ({step_metrics['grad_norm']}) "
-        f"at step {step}; clips of this process's batch: {clips}. The last checkpoint is "
-        f"untouched; set config.train.skip_nonfinite=True to skip such steps instead."
+        f"non-finite loss ({record.metrics['loss']}) or gradient norm "
+        f"({record.metrics['grad_norm']}) at step {record.step}; clips of this process's batch: "
+        f"{clips}. The last checkpoint is untouched; set config.train.skip_nonfinite=True to "
+        f"skip such steps instead."
     )
+
+
+def _log_step(
+    record: host_loop.StepRecord, config, total_steps, epoch, start_step, t_start, writer
+) -> None:
+    step, values = record.step, record.metrics
+    rate = (step - start_step) / (time.time() - t_start)
+    logging.info(
+        "step %d/%d epoch %d loss %.4f acc %.3f | %.2f steps/s %.1f clips/s ETA %.0fs",
+        step,
+        total_steps,
+        epoch,
+        values["loss"],
+        values["accuracy"],
+        rate,
+        rate * config.train.batch_size,
+        (total_steps - step) / rate,
+    )
+    if writer:
+        for key in ("loss", "accuracy", "grad_norm"):
+            writer.add_scalar(f"train/{key}", float(values[key]), step)
+
+
+def _write_speed(timer: host_loop.LoopTimer, workdir: Path) -> None:
+    """speed.json: where this run's wall-clock time went (see host_loop.LoopTimer)."""
+    summary = timer.summary()
+    summary["compilation"] = compilation.stats()
+    logging.info("speed: %s", json.dumps(summary))
+    if jax.process_index() == 0:
+        (workdir / "speed.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def jit_train_step(
@@ -172,14 +214,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
-    def new_iterator(start_step: int):
-        return pipeline.train_iterator(
+    def new_iterator(start_step: int) -> prefetch.DevicePrefetch:
+        host_iterator = pipeline.train_iterator(
             config,
             seed=config.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             start_step=start_step,
         )
+        return prefetch.DevicePrefetch(host_iterator, mesh, size=config.data.device_prefetch)
 
     target = checkpoint.with_shardings(abstract, state_shardings)
 
@@ -205,7 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     resumed = ckpts.restore_newest_intact(restore)
     if resumed is None:
         params = caer.init_params(model, config.model, init_rng)
-        state = jax.device_put(state_lib.create(params, tx), state_shardings)
+        # One program lays the state out on the mesh (op-by-op, the optimizer's init compiled
+        # a small program per parameter shape).
+        state = jax.jit(lambda p: state_lib.create(p, tx), out_shardings=state_shardings)(params)
         history, nonfinite = [], 0
         data_start = 0
         train_iter = new_iterator(data_start)
@@ -236,41 +281,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config.train.batch_size,
         start_step,
     )
+    timer = host_loop.LoopTimer(config.train.batch_size)
+    pending = host_loop.PendingMetrics(max_in_flight=config.data.device_prefetch)
     t_start = time.time()
     epoch_losses: list[float] = []
     preempted = False
+    last_step = start_step
     try:
         for step in range(start_step + 1, total_steps + 1):
-            host_batch = next(train_iter)
-            state, step_metrics = step_fn(state, pipeline.global_batch(host_batch, mesh))
-            step_metrics = jax.device_get(step_metrics)
-            if not step_metrics["finite"]:
-                if not config.train.skip_nonfinite:
-                    raise _nonfinite_error(config, step, host_batch, step_metrics)
-                nonfinite += 1
-                logging.warning("skipped non-finite step %d (%d so far)", step, nonfinite)
-            else:
-                epoch_losses.append(float(step_metrics["loss"]))
+            batch, host = next(train_iter)
+            state, step_metrics = step_fn(state, batch)
+            pending.add(step, step_metrics, host["index"])
+            last_step = step
+            if step == start_step + 1:
+                timer.first_step_finished(step, step_metrics)
             epoch = (step - 1) // steps_per_epoch + 1
-            if step % config.train.log_every_steps == 0 or step == total_steps:
-                rate = (step - start_step) / (time.time() - t_start)
-                logging.info(
-                    "step %d/%d epoch %d loss %.4f acc %.3f | %.2f steps/s %.1f clips/s ETA %.0fs",
-                    step,
-                    total_steps,
-                    epoch,
-                    step_metrics["loss"],
-                    step_metrics["accuracy"],
-                    rate,
-                    rate * config.train.batch_size,
-                    (total_steps - step) / rate,
-                )
-                if writer:
-                    for key in ("loss", "accuracy", "grad_norm"):
-                        writer.add_scalar(f"train/{key}", float(step_metrics[key]), step)
+            end_of_epoch = step % steps_per_epoch == 0
+            log = step % config.train.log_every_steps == 0 or step == total_steps
+            preempted = preemption.reached(step)
+            every = config.train.checkpoint_every_steps
+            save = end_of_epoch or preempted or bool(every and step % every == 0)
+            if not (log or end_of_epoch or save):
+                continue  # the host goes on to the next batch; the device is still busy
+            # Metrics are read here and only here: every step's finite flag is checked before
+            # anything is logged or saved, so no checkpoint follows an unread bad step.
+            records = pending.read()
+            for record in records:
+                if record.metrics["finite"]:
+                    epoch_losses.append(float(record.metrics["loss"]))
+                elif config.train.skip_nonfinite:
+                    nonfinite += 1
+                    logging.warning(
+                        "skipped non-finite step %d (%d so far)", record.step, nonfinite
+                    )
+                else:
+                    raise _nonfinite_error(config, record)
+            if log:
+                _log_step(records[-1], config, total_steps, epoch, start_step, t_start, writer)
 
             eval_metrics = None
-            if step % steps_per_epoch == 0:
+            if end_of_epoch:
+                eval_start = time.time()
                 eval_metrics = _evaluate_epoch(
                     eval_fn,
                     state.params,
@@ -283,28 +334,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     writer=writer,
                     workdir=workdir,
                 )
+                timer.evaluated(time.time() - eval_start, len(eval_metrics["predictions"]["index"]))
                 epoch_losses = []
-            preempted = preemption.reached(step)
-            every = config.train.checkpoint_every_steps
-            if eval_metrics is not None or preempted or (every and step % every == 0):
-                ckpts.save(
-                    state,
-                    config=config,
-                    meta=_meta(config, epoch, history, nonfinite, data_start),
-                    metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
-                    data_iterator=train_iter,
-                )
+            if save:
+                with timer.checkpointing():
+                    ckpts.save(
+                        state,
+                        config=config,
+                        meta=_meta(config, epoch, history, nonfinite, data_start),
+                        metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
+                        data_iterator=train_iter,
+                    )
             if preempted:
                 logging.warning("preempted: saved step %d; the next start resumes from it", step)
                 break
+        timer.finished(last_step, state)
     finally:
         # Also on errors: writes in flight complete, so the last good checkpoint is on disk.
+        final_wait = time.time()
         ckpts.wait()
+        timer.final_wait_seconds = time.time() - final_wait
         ckpts.close()
         preemption.close()
         train_iter.close()
         if writer:
             writer.close()
+    _write_speed(timer, workdir)
     if preempted:
         return None
     return evaluation.evaluate_checkpoint(

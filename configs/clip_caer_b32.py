@@ -26,7 +26,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.rotation_degrees = 4.0
     c.data.flip_prob = 0.5
     c.data.worker_count = 2  # grain worker processes per host (0 = in the main process)
-    c.data.prefetch_buffer_size = 2
+    c.data.prefetch_buffer_size = 2  # host batches read ahead by grain
+    # Global batches already on the devices when a step starts (and steps in flight): the host
+    # prepares batch k + device_prefetch while the device runs step k.
+    c.data.device_prefetch = 2
     # Embedded default only: generate synthetic RAER-layout clips and build them before training.
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.enabled = False

@@ -114,7 +114,7 @@ def _config(data_dir, **data):
 
 def _frames_seen(clips: np.ndarray) -> np.ndarray:
     """[B, T, S, S, 3] of fixture frames -> the frame index of each [B, T] (centre pixel)."""
-    return np.rint(clips[:, :, SIZE // 2, SIZE // 2, 0] * 255 / 8).astype(int)
+    return np.rint(clips[:, :, SIZE // 2, SIZE // 2, 0] / 8).astype(int)
 
 
 def _take(iterator, n):
@@ -202,10 +202,10 @@ def test_eval_every_clip_exactly_once(data_dir, records, process_count):
     for batches in per_process:
         for batch in batches:
             assert batch["face"].shape == (4 // process_count, 4, SIZE, SIZE, 3)
-            assert batch["face"].dtype == np.float32 and batch["context"].dtype == np.float32
+            # uint8 pixels: the jitted step scales them on the device
+            assert batch["face"].dtype == np.uint8 and batch["context"].dtype == np.uint8
             assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
             assert batch["mask"].dtype == np.bool_
-            assert 0 <= batch["face"].min() and batch["face"].max() <= 1
             np.testing.assert_array_equal(batch["index"][~batch["mask"]], pipeline.PAD_INDEX)
             assert np.all(batch["face"][~batch["mask"]] == 0)
             for row in np.flatnonzero(batch["mask"]):
@@ -407,8 +407,7 @@ def test_on_the_raer_builder(tmp_path):
     assert labels == expected
     assert pipeline.steps_per_epoch(config) == 2
     batch = next(pipeline.train_iterator(config, seed=0, process_index=0, process_count=1))
-    assert batch["context"].shape == (2, 4, 64, 64, 3) and batch["context"].dtype == np.float32
-    assert 0 <= batch["context"].min() and batch["context"].max() <= 1
+    assert batch["context"].shape == (2, 4, 64, 64, 3) and batch["context"].dtype == np.uint8
 
 
 def test_iterator_state_through_orbax(data_dir, tmp_path):

@@ -130,7 +130,7 @@ class _ClipLoader:
             )
             encoded = record[stream]
             images = [augment.decode_jpeg(encoded[t]) for t in frames]
-            # uint8 until the batch is built (4x less to move between processes).
+            # uint8 all the way to the device (the jitted step makes them float).
             out[stream] = augment.transform_frames_uint8(images, self.image_size, draw)
         out["label"] = np.int32(record["label"])
         out["mask"] = np.bool_(True)
@@ -237,16 +237,9 @@ def _iterate(
                 per_worker_buffer_size=prefetch,
             )
         )
-    return iter(dataset.map(_to_unit_range))
-
-
-def _to_unit_range(batch: dict) -> dict:
-    # New arrays for every key: with worker processes the inputs live in shared memory, which is
-    # then released as soon as the batch is converted rather than at interpreter exit.
-    return {
-        key: augment.to_unit_range(value) if key in STREAMS else np.array(value)
-        for key, value in batch.items()
-    }
+    # Pixels stay uint8: the jitted step scales them (caer.pixels_to_unit_range). Batches made
+    # by worker processes arrive in shared memory, which grain unlinks when the arrays are freed.
+    return iter(dataset)
 
 
 def train_iterator(
