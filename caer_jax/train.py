@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 
-from caer_jax import checkpoint, cli, evaluation, metrics, optim, sharding, steps
+from caer_jax import checkpoint, cli, evaluation, label_sets, metrics, optim, sharding, steps
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
@@ -87,6 +87,7 @@ def _meta(
         "skipped_nonfinite_steps": nonfinite,
         "code_version": checkpoint.code_version(),
         "data_iterator": _iterator_layout(config, data_start),
+        "class_names": list(label_sets.load(config.model.label_set).class_names),
     }
 
 

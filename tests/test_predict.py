@@ -88,7 +88,9 @@ def test_detector_finds_the_astronaut_and_crops_like_the_builder():
     face, context, boxes = predict.prepare_clip([frame], 64)
     assert face.shape == context.shape == (1, 64, 64, 3) and face.dtype == np.float32
     assert boxes == [list(box)]
-    expected_face = np.asarray(raer_lib.crop_face(frame, box, 64), np.float32) / 255
+    # the face crop at its source size, resized as the eval pipeline resizes it
+    crop = raer_lib.crop_face(frame, box)
+    expected_face = np.asarray(crop.resize((64, 64), Image.BILINEAR), np.float32) / 255
     expected_context = np.asarray(raer_lib.letterbox(frame, 64), np.float32) / 255
     np.testing.assert_allclose(face[0], expected_face, atol=1e-6)
     np.testing.assert_allclose(context[0], expected_context, atol=1e-6)
