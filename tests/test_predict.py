@@ -107,12 +107,13 @@ def test_video_with_a_face(trained, tmp_path):
     assert len(result["face_boxes"]) == config.data.num_segments
     assert result["frame_indices"] == [0, 2, 3, 5, 6, 8, 9, 11]  # eval formula, 12 -> 8 frames
     assert result["frames_without_face"] == 0 and result["warnings"] == []
-    # the restored checkpoint gives what the saved parameters give on the same crops
-    frames = [Image.fromarray(face_frame(shift=i)) for i in result["frame_indices"]]
+    # the restored checkpoint gives what the saved parameters give on the same crops (of the
+    # frames as decoded from the video: MJPG noise survives the unantialiased context resize)
+    _, frames = predict.read_clip(video, config.data.num_segments, config.data.duration)
     face, context, _ = predict.prepare_clip(frames, config.data.image_size)
     logits, _ = model.apply({"params": params}, face[None], context[None], train=False)
     expected = np.asarray(jax.nn.softmax(logits, axis=-1))[0]
-    np.testing.assert_allclose(list(result["probabilities"].values()), expected, atol=1e-3)
+    np.testing.assert_allclose(list(result["probabilities"].values()), expected, atol=1e-5)
     text = predict.format_result(result).splitlines()
     assert text[0].startswith(f"{video}: {result['prediction']} (checkpoint step ")
     assert "8/8 sampled frames with a face" in text[0]
