@@ -181,7 +181,7 @@ def load_rgb(path: epath.Path) -> Image.Image:
 
 # Storage encodings of the crops: JPEG (lossy, `jpeg_quality`) or PNG (lossless).
 IMAGE_FORMATS = ("jpeg", "png")
-# zlib level 1: PNG files about 10 % larger than level 6, encoded several times faster.
+# zlib level 1: on 224 px photo crops 5-6 % larger files than level 6, encoded 2-5x faster.
 PNG_COMPRESS_LEVEL = 1
 
 
