@@ -43,7 +43,7 @@ _SHUFFLE_KEY, _CLIP_KEY = 0, 1
 
 
 def data_source(config: ml_collections.ConfigDict, split: str):
-    """The random-access records of `split`; face and context stay per-frame JPEG bytes."""
+    """The random-access records of `split`; face and context stay per-frame encoded bytes."""
     return tfds.data_source(
         config.data.tfds_name,
         split=split,

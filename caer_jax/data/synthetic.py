@@ -4,7 +4,8 @@
 
 Writes what the RAER release holds (see the TFDS builder in tfds_raer/raer):
   clips/0001/000001.jpg ...   one folder of JPEG frames per clip
-  train.txt, test.txt         "<frames_dir> <num_frames> <label 1..5>", stratified about 4:1
+  train.txt, test.txt         "<frames_dir> <num_frames> <label 1..5>" (1..k with --classes k),
+                              stratified about 4:1
   face_boxes.json             {frames_dir: {frame_file: [left, upper, right, lower]}}, some frames missing
   body_boxes.json             {frames_dir: [left, upper, right, lower]}, some clips missing
 

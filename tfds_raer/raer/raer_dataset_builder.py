@@ -294,12 +294,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 
 class SkipFrameDecoding(tfds.decode.SkipDecoding):
-    """Leaves a Video feature's frames as JPEG bytes, for `tfds.data_source(..., decoders=...)`.
+    """Leaves a Video feature's frames encoded (JPEG or PNG bytes), for
+    `tfds.data_source(..., decoders=...)`.
 
     `tfds.decode.SkipDecoding` works with `tfds.load`/`as_dataset` (TF) but fails on the NumPy
     path of `tfds.data_source` for sequence features such as Video (TFDS 4.9.10 has no
     `decode_batch_example_np` there). With this decoder `example["face"]` is a 1-D object array
-    of per-frame JPEG bytes, so a pipeline decodes only the frames it samples.
+    of per-frame encoded bytes, so a pipeline decodes only the frames it samples.
     """
 
     def decode_batch_example_np(self, serialized_example):
