@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 import tiny_runs
 
-from caer_jax import checkpoint, convert, evaluation, label_sets, prompts, train
+from caer_jax import checkpoint, convert, evaluation, label_sets, prompts, report, train
 from caer_jax.data import synthetic
 from caer_jax.models import caer
 from tfds_raer.raer import raer_lib
@@ -75,6 +75,26 @@ def test_unknown_spec_and_missing_file(tmp_path):
         label_sets.load("raer4")
     with pytest.raises(label_sets.LabelSetError, match="not found"):
         label_sets.load(str(tmp_path / "none.json"))
+
+
+def test_report_columns_are_the_runs_classes(tmp_path):
+    def run(name, classes, recalls):
+        per_class = {c: {"recall": r, "support": 1} for c, r in zip(classes, recalls, strict=True)}
+        metrics = {"streams": "both", "split": "test", "uar": 50.0, "war": 60.0}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({**metrics, "per_class": per_class})
+        )
+        return str(tmp_path / name)
+
+    a = run("a", FOUR["class_names"], [10.0, 20.0, 30.0, 40.0])
+    b = run("b", FOUR["class_names"], [50.0, 60.0, 70.0, 80.0])
+    lines = report.table([a, b]).splitlines()
+    assert lines[0].split()[-4:] == ["Calm", "Happy", "Puzzl", "Tired"]
+    assert lines[3].split()[-4:] == ["50.0", "60.0", "70.0", "80.0"]
+    five = run("five", prompts.CLASS_NAMES, [1.0] * 5)
+    with pytest.raises(label_sets.LabelSetError, match="five/metrics.json has the classes"):
+        report.table([a, five])
 
 
 def test_builder_takes_the_range_and_names_from_the_set(tmp_path):

@@ -1,8 +1,8 @@
 """Input pipeline: tfds.data_source + grain, TSN sampling, augmentation, per-host batches.
 
 Records come from `tfds.data_source` (ArrayRecord, random access) with the face and context videos
-left as per-frame encoded bytes (JPEG or PNG), so only the sampled frames are decoded. grain's MapDataset API does
-the rest: a map from the position in the stream to a clip, batching, thread or process prefetch.
+left as per-frame encoded bytes (JPEG or PNG), so only the sampled frames are decoded. grain's
+MapDataset API does the rest: a map from the position in the stream to a clip, batching, thread or process prefetch.
 Its iterator is a `grain.DatasetIterator` whose state (`get_state()`, a small JSON-able dict) is
 what a checkpoint saves (orbax: `grain.checkpoint.CheckpointSave(item=iterator)`).
 
