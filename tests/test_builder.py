@@ -536,6 +536,10 @@ def test_bad_options():
         Builder(config="64px", validation_fraction=1.0)
     with pytest.raises(ValueError, match="path_prefix_map entries"):
         Builder(config="64px", path_prefix_map=[("a",)])
+    with pytest.raises(ValueError, match=r"image_format must be one of \('jpeg', 'png'\)"):
+        Builder(config="64px", image_format="webp")
+    with pytest.raises(ValueError, match="label set 'raer4': neither a built-in set"):
+        Builder(config="64px", label_set="raer4")
 
 
 def test_worker_threads_write_the_same_records(tmp_path):

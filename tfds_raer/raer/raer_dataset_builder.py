@@ -166,6 +166,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._overrides = overrides  # read by _info, which TFDS calls inside __init__
         super().__init__(file_format=file_format, **kwargs)
         self._original_state.update(overrides, file_format=file_format)  # for pickling
+        # Bad options and label sets fail here, also when a built dataset is only read.
+        _ = self.label_set
         if file_format is None and not self.is_prepared():
             self.info.set_file_format("array_record", override=True)
 
