@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,12 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: Path
                 f"checkpoint {where} was written with config.{name}={theirs.get(name)!r}, "
                 f"the config now has {ours.get(name)!r}"
             )
+
+
+def class_names(meta: dict, default: Sequence[str]) -> list[str]:
+    """The class names a checkpoint was trained on; `default` (the config's label set, which
+    check_compatible already matched) for checkpoints written before they were recorded."""
+    return list(meta["class_names"]) if "class_names" in meta else list(default)
 
 
 def _selection_metric(metrics: dict) -> float:

@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from caer_jax import label_sets
 from caer_jax.models import caer, clip_weights
 from caer_jax.models.clip_weights import WeightsError, _np
 
@@ -329,6 +330,7 @@ def main_convert(
         "history": [],
         "skipped_nonfinite_steps": 0,
         "converted_from": os.fspath(official),
+        "class_names": list(label_sets.load(config.model.label_set).class_names),
     }
     write_checkpoint(params, config, workdir, meta)
     return changed

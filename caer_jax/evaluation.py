@@ -17,11 +17,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from caer_jax import checkpoint, metrics, sharding, steps
+from caer_jax import checkpoint, label_sets, metrics, sharding, steps
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prefetch
 from caer_jax.models import caer
-from caer_jax.prompts import CLASS_NAMES
 
 
 def make_eval_step(model, config: ml_collections.ConfigDict, mesh, params: Any):
@@ -61,26 +60,29 @@ def evaluate(step_fn, params: Any, config: ml_collections.ConfigDict, split: str
     """WAR, UAR, per-class recall and confusion matrix of `params` on `split` (with `step_fn`
     from make_eval_step)."""
     predictions = predict_split(step_fn, params, config, split, mesh)
+    class_names = label_sets.load(config.model.label_set).class_names
     cm = metrics.confusion_matrix(
-        predictions["label"], predictions["probs"].argmax(-1), len(CLASS_NAMES)
+        predictions["label"], predictions["probs"].argmax(-1), len(class_names)
     )
-    summary = metrics.summarize(cm, CLASS_NAMES)
+    summary = metrics.summarize(cm, class_names)
     summary["predictions"] = predictions
     return summary
 
 
-def _write_predictions(predictions: dict, video_ids: list[str], path: Path) -> None:
+def _write_predictions(
+    predictions: dict, video_ids: list[str], class_names: tuple[str, ...], path: Path
+) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["video_id", "label", "prediction", *[f"p_{c}" for c in CLASS_NAMES]])
+        writer.writerow(["video_id", "label", "prediction", *[f"p_{c}" for c in class_names]])
         for index, label, probs in zip(
             predictions["index"], predictions["label"], predictions["probs"], strict=True
         ):
             writer.writerow(
                 [
                     video_ids[index],
-                    CLASS_NAMES[label],
-                    CLASS_NAMES[probs.argmax()],
+                    class_names[label],
+                    class_names[probs.argmax()],
                     *[f"{p:.6f}" for p in probs],
                 ]
             )
@@ -100,6 +102,13 @@ def evaluate_checkpoint(
     params, meta = ckpts.restore_params(resolved, target, config=config)
     ckpts.close()
     logging.info("restored the parameters of step %d from %s", resolved, ckpts.directory)
+    class_names = label_sets.load(config.model.label_set).class_names
+    label_sets.check_same_classes(
+        checkpoint.class_names(meta, class_names),
+        f"checkpoint {ckpts.directory / str(resolved)}",
+        pipeline.class_names(config),
+        f"the dataset {config.data.tfds_name} in {config.data.data_dir or 'the TFDS default dir'}",
+    )
 
     step_fn = make_eval_step(model, config, mesh, params)
     summary = evaluate(step_fn, params, config, split, mesh)
@@ -117,11 +126,14 @@ def evaluate_checkpoint(
         metrics.write_json(summary, workdir / f"metrics{suffix}.json")
         metrics.plot_confusion_matrix(
             np.asarray(summary["confusion_matrix"]),
-            CLASS_NAMES,
+            class_names,
             workdir / f"confusion_matrix{suffix}.png",
             title=f"{split} step {resolved}: UAR {summary['uar']:.1f} WAR {summary['war']:.1f}",
         )
         _write_predictions(
-            predictions, pipeline.video_ids(config, split), workdir / f"predictions{suffix}.csv"
+            predictions,
+            pipeline.video_ids(config, split),
+            class_names,
+            workdir / f"predictions{suffix}.csv",
         )
     return summary

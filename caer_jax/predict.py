@@ -26,11 +26,10 @@ from etils import epath
 from ml_collections import config_flags
 from PIL import Image
 
-from caer_jax import checkpoint, cli
+from caer_jax import checkpoint, cli, label_sets
 from caer_jax import state as state_lib
 from caer_jax.data import augment, sampling
 from caer_jax.models import caer
-from caer_jax.prompts import CLASS_NAMES
 from tfds_raer.raer import raer_lib
 
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
@@ -146,9 +145,7 @@ def prepare_clip(
     """face, context float32 [T, S, S, 3] in [0, 1] and the face box of each frame (or None),
     cropped by the builder's functions and converted as the eval pipeline converts."""
     boxes = [detect_face(img) for img in frames]
-    faces = [
-        raer_lib.crop_face(img, box, image_size) for img, box in zip(frames, boxes, strict=True)
-    ]
+    faces = [raer_lib.crop_face(img, box) for img, box in zip(frames, boxes, strict=True)]
     contexts = [raer_lib.crop_context(img, None, image_size) for img in frames]
     return (
         augment.transform_frames(faces, image_size),
@@ -220,6 +217,7 @@ def predict_clip(
     fn = jax.jit(functools.partial(_probabilities, model=model, streams=config.model.streams))
     probs = np.asarray(jax.device_get(fn(params, face[None], context[None])))[0]
     offsets = sampling.eval_indices(num_frames, d.num_segments, d.duration)
+    class_names = label_sets.load(config.model.label_set).class_names
     return {
         "path": str(path),
         "step": int(resolved),
@@ -227,8 +225,8 @@ def predict_clip(
         "frame_indices": sampling.frame_indices(offsets, d.duration, num_frames).tolist(),
         "face_boxes": boxes,
         "frames_without_face": int(missing),
-        "probabilities": {name: float(p) for name, p in zip(CLASS_NAMES, probs, strict=True)},
-        "prediction": CLASS_NAMES[int(probs.argmax())],
+        "probabilities": {name: float(p) for name, p in zip(class_names, probs, strict=True)},
+        "prediction": class_names[int(probs.argmax())],
         "warnings": warnings,
     }
 

@@ -1,4 +1,4 @@
-"""RAER class names and the class texts the prompt learner appends to its context tokens."""
+"""RAER's five classes and their class texts (the built-in label set, caer_jax.label_sets)."""
 
 # Label ids 0..4, in the order of the RAER annotation files (which store them 1-based).
 CLASS_NAMES = ("Neutrality", "Enjoyment", "Confusion", "Fatigue", "Distraction")
@@ -38,10 +38,3 @@ TEXT_TYPES = {
     "class_names": _CLASS_SENTENCES,
     "class_names_with_context": tuple("an expression of " + s for s in _CLASS_SENTENCES),
 }
-
-
-def class_texts(text_type: str) -> tuple[str, ...]:
-    """The five class texts of `text_type` (one of TEXT_TYPES), in label order."""
-    if text_type not in TEXT_TYPES:
-        raise ValueError(f"unknown text_type {text_type!r}; expected one of {sorted(TEXT_TYPES)}")
-    return TEXT_TYPES[text_type]

@@ -28,6 +28,7 @@ from caer_jax import (
     compilation,
     evaluation,
     host_loop,
+    label_sets,
     metrics,
     optim,
     sharding,
@@ -98,6 +99,7 @@ def _meta(
         "skipped_nonfinite_steps": nonfinite,
         "code_version": checkpoint.code_version(),
         "data_iterator": _iterator_layout(config, data_start),
+        "class_names": list(label_sets.load(config.model.label_set).class_names),
     }
 
 

@@ -43,6 +43,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.logit_scale = 100.0  # logits = cos / 0.01
     c.model.pixel_normalization = "none"  # the authors': [0, 1] pixels; "clip": CLIP mean/std
+    # Classes and class texts (caer_jax.label_sets): "raer5" (RAER's five classes) or the path of
+    # a label set JSON file. The dataset must be built with the same set (builder option
+    # label_set); a checkpoint keeps its class names and evaluates only data of the same classes.
+    c.model.label_set = "raer5"
     c.model.clip = ml_collections.ConfigDict()
     # "random" (geometry below, offline tokenizer), a Hugging Face hub id or folder,
     # a flax_model.msgpack, or an OpenAI CLIP .pt/.pth state dict.

@@ -43,7 +43,7 @@ def test_unknown_words_fall_back_to_pieces(tok):
 
 
 def test_tokenize_pads_with_zeros_and_eot_is_argmax(tok):
-    texts = ["X X " + t for t in prompts.class_texts("class_names")]
+    texts = ["X X " + t for t in prompts.TEXT_TYPES["class_names"]]
     ids = tokenizer_lib.tokenize(tok, texts, 20)
     assert ids.shape == (5, 20) and ids.dtype == np.int32
     assert (ids[:, 0] == tok.bos_token_id).all()

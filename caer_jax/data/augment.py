@@ -6,8 +6,9 @@ torchvision's RandomRotation default, black fill, size kept), resize to image_si
 (bilinear, aspect not kept), horizontal flip with probability flip_prob. Eval: resize only.
 Pixels are divided by 255; no mean/std normalisation.
 
-The builder already stores crops at image_size, so the resize is the identity unless a dataset
-of another size is read (PIL returns a copy for a same-size resize).
+As the authors, the face crop reaches the rotation at its source size (the builder stores it so)
+and is resized after it; the context crop is stored letterboxed at the builder's size, so its
+resize is the identity unless a dataset of another size is read (PIL returns a copy then).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def random_draw(rng: np.random.Generator, rotation_degrees: float, flip_prob: fl
     return Draw(angle=angle, flip=flip)
 
 
-def decode_jpeg(data: bytes) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
+    """A stored crop (JPEG or PNG bytes) as an RGB image."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
 

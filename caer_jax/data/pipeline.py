@@ -1,8 +1,8 @@
 """Input pipeline: tfds.data_source + grain, TSN sampling, augmentation, per-host batches.
 
 Records come from `tfds.data_source` (ArrayRecord, random access) with the face and context videos
-left as per-frame JPEG bytes, so only the sampled frames are decoded. grain's MapDataset API does
-the rest: a map from the position in the stream to a clip, batching, thread or process prefetch.
+left as per-frame encoded bytes (JPEG or PNG), so only the sampled frames are decoded. grain's
+MapDataset API does the rest: a map from the position in the stream to a clip, batching, thread or process prefetch.
 Its iterator is a `grain.DatasetIterator` whose state (`get_state()`, a small JSON-able dict) is
 what a checkpoint saves (orbax: `grain.checkpoint.CheckpointSave(item=iterator)`).
 
@@ -43,7 +43,7 @@ _SHUFFLE_KEY, _CLIP_KEY = 0, 1
 
 
 def data_source(config: ml_collections.ConfigDict, split: str):
-    """The random-access records of `split`; face and context stay per-frame JPEG bytes."""
+    """The random-access records of `split`; face and context stay per-frame encoded bytes."""
     return tfds.data_source(
         config.data.tfds_name,
         split=split,
@@ -61,6 +61,12 @@ def video_ids(config: ml_collections.ConfigDict, split: str) -> list[str]:
     """video_id of every record of `split`, by record index (the batches' "index")."""
     source = data_source(config, split)
     return [_text(source[i]["video_id"]) for i in range(len(source))]
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The dataset's class names (its ClassLabel, from the label set it was built with)."""
+    builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
+    return list(builder.info.features["label"].names)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
@@ -129,7 +135,7 @@ class _ClipLoader:
                 else augment.random_draw(rng, self.rotation_degrees, self.flip_prob)
             )
             encoded = record[stream]
-            images = [augment.decode_jpeg(encoded[t]) for t in frames]
+            images = [augment.decode_image(encoded[t]) for t in frames]
             # uint8 all the way to the device (the jitted step makes them float).
             out[stream] = augment.transform_frames_uint8(images, self.image_size, draw)
         out["label"] = np.int32(record["label"])

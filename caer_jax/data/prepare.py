@@ -2,7 +2,10 @@
 
 With `config.data.synthetic.enabled`, synthetic RAER-layout clips are generated into
 `synthetic.manual_dir` (unless already there) and packed by the same TFDS builder that packs the
-real RAER release. Only process 0 writes; the others wait at a barrier.
+real RAER release, with the classes of config.model.label_set. Only process 0 writes; the others
+wait at a barrier. A dataset built by an older builder version lives in another version folder,
+so it is rebuilt (from the same synthetic clips). Whatever built it, the dataset's classes must
+be the label set's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import tfds_raer  # noqa: F401  (registers the "raer" builder)
+from caer_jax import label_sets
 from caer_jax.data import synthetic
 
 
@@ -46,10 +50,26 @@ def _annotated_clips(manual_dir: Path) -> int:
     )
 
 
+def _check_classes(config: ml_collections.ConfigDict) -> None:
+    builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
+    label_set = label_sets.load(config.model.label_set)
+    label_sets.check_same_classes(
+        label_set.class_names,
+        f"config.model.label_set={config.model.label_set!r}",
+        builder.info.features["label"].names,
+        f"the dataset {config.data.tfds_name} in {builder.data_dir}",
+    )
+
+
 def prepare_data(config: ml_collections.ConfigDict) -> None:
-    """Generates and builds the synthetic dataset when the config asks for it and it is missing."""
-    if _dataset_exists(config):
-        return
+    """Generates and builds the synthetic dataset when the config asks for it and it is missing;
+    checks that the dataset has the classes of config.model.label_set."""
+    if not _dataset_exists(config):
+        _build(config)
+    _check_classes(config)
+
+
+def _build(config: ml_collections.ConfigDict) -> None:
     if not config.data.synthetic.enabled:
         raise FileNotFoundError(
             f"TFDS dataset {config.data.tfds_name!r} is not built in "
@@ -67,9 +87,14 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
                 manual_dir,
                 num_clips=config.data.synthetic.num_clips,
                 seed=config.data.synthetic.seed,
+                num_classes=label_sets.load(config.model.label_set).num_classes,
             )
         logging.info("building %s from %s", config.data.tfds_name, manual_dir)
-        builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
+        builder = tfds.builder(
+            config.data.tfds_name,
+            data_dir=config.data.data_dir or None,
+            label_set=config.model.label_set,
+        )
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
         )

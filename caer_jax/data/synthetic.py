@@ -4,7 +4,8 @@
 
 Writes what the RAER release holds (see the TFDS builder in tfds_raer/raer):
   clips/0001/000001.jpg ...   one folder of JPEG frames per clip
-  train.txt, test.txt         "<frames_dir> <num_frames> <label 1..5>", stratified about 4:1
+  train.txt, test.txt         "<frames_dir> <num_frames> <label 1..5>" (1..k with --classes k),
+                              stratified about 4:1
   face_boxes.json             {frames_dir: {frame_file: [left, upper, right, lower]}}, some frames missing
   body_boxes.json             {frames_dir: [left, upper, right, lower]}, some clips missing
 
@@ -21,6 +22,8 @@ and time matter:
                context differs (a bright phone held up in the hand, outside the face crop); in
                the rest the head is turned and the gaze averted.
 Labels of a `label_noise` fraction of clips are replaced by another class drawn uniformly.
+With `num_classes` k < 5 only the first k classes (and rules) are drawn, labelled 1..k: data of a
+coarser label set (caer_jax.label_sets) for tests.
 
 Deterministic for a seed: every clip draws from its own generator seeded by (seed, clip index),
 so the files are byte-identical whatever the number of worker processes.
@@ -69,9 +72,11 @@ _HAIR = ((20, 18, 16), (60, 40, 25), (110, 75, 40), (200, 160, 90), (150, 60, 30
 # ----------------------------------------------------------------------------- labels and splits
 
 
-def _class_counts(num_clips: int) -> np.ndarray:
-    """Largest-remainder allocation of CLASS_PROPORTIONS, at least one clip per class."""
-    raw = np.asarray(CLASS_PROPORTIONS) * num_clips
+def _class_counts(num_clips: int, num_classes: int) -> np.ndarray:
+    """Largest-remainder allocation of the first num_classes CLASS_PROPORTIONS (renormalised),
+    at least one clip per class."""
+    shares = np.asarray(CLASS_PROPORTIONS[:num_classes])
+    raw = shares / shares.sum() * num_clips
     counts = np.maximum(np.floor(raw).astype(int), 1)
     order = np.argsort(-(raw - np.floor(raw)), kind="stable")
     i = 0
@@ -83,13 +88,13 @@ def _class_counts(num_clips: int) -> np.ndarray:
     return counts
 
 
-def _plan(num_clips: int, seed: int, label_noise: float, test_fraction: float):
+def _plan(num_clips: int, seed: int, label_noise: float, test_fraction: float, num_classes: int):
     """True labels, split membership (stratified) and written labels of every clip."""
     rng = np.random.default_rng([seed, 0x5EED])
-    counts = _class_counts(num_clips)
-    labels = rng.permutation(np.repeat(np.arange(len(CLASS_NAMES)), counts))
+    counts = _class_counts(num_clips, num_classes)
+    labels = rng.permutation(np.repeat(np.arange(num_classes), counts))
     is_test = np.zeros(num_clips, bool)
-    for c in range(len(CLASS_NAMES)):
+    for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         n_test = int(round(len(members) * test_fraction))
         n_test = min(n_test, len(members) - 1)  # keep every class in train
@@ -98,7 +103,7 @@ def _plan(num_clips: int, seed: int, label_noise: float, test_fraction: float):
     num_noisy = int(round(label_noise * num_clips))
     noisy = np.sort(rng.choice(num_clips, size=num_noisy, replace=False))
     for i in noisy:
-        other = [c for c in range(len(CLASS_NAMES)) if c != labels[i]]
+        other = [c for c in range(num_classes) if c != labels[i]]
         written[i] = other[int(rng.integers(len(other)))]
     return labels, is_test, written, noisy
 
@@ -521,9 +526,13 @@ def _check_args(
     max_frames,
     overwrite,
     jpeg_quality,
+    num_classes,
 ) -> None:
     def bad(msg):
         raise SyntheticDataError(msg)
+
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        bad(f"--classes must be in 2..{len(CLASS_NAMES)}, got {num_classes}")
 
     if not isinstance(num_clips, (int, np.integer)) or num_clips < MIN_CLIPS:
         bad(
@@ -573,6 +582,7 @@ def generate(
     overwrite: bool = False,
     workers: int | None = None,
     jpeg_quality: int = 90,
+    num_classes: int = len(CLASS_NAMES),
 ) -> dict[str, Any]:
     """Writes `num_clips` synthetic clips in the RAER layout to `out_dir`; returns a summary.
 
@@ -594,12 +604,15 @@ def generate(
         max_frames,
         overwrite,
         jpeg_quality,
+        num_classes,
     )
     if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    labels, is_test, written, noisy = _plan(num_clips, seed, label_noise, test_fraction)
+    labels, is_test, written, noisy = _plan(
+        num_clips, seed, label_noise, test_fraction, num_classes
+    )
     frames_rng = np.random.default_rng([seed, 0xF4A])
     num_frames = frames_rng.integers(min_frames, max_frames + 1, size=num_clips)
     width_digits = max(4, len(str(num_clips)))
@@ -644,7 +657,7 @@ def generate(
         splits[split] = {
             "num_clips": len(idx),
             "class_counts": {
-                CLASS_NAMES[c]: int((written[idx] == c).sum()) for c in range(len(CLASS_NAMES))
+                CLASS_NAMES[c]: int((written[idx] == c).sum()) for c in range(num_classes)
             },
         }
     total_frames = int(num_frames.sum())
@@ -688,6 +701,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--min-frames", type=int, default=16)
     p.add_argument("--max-frames", type=int, default=48)
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument(
+        "--classes", type=int, default=len(CLASS_NAMES), help="draw only the first N classes"
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: cores, <= 8)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous synthetic dataset")
     args = p.parse_args(argv)
@@ -705,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             overwrite=args.overwrite,
             workers=args.workers,
             jpeg_quality=args.jpeg_quality,
+            num_classes=args.classes,
         )
     except SyntheticDataError as e:
         raise SystemExit(f"caer_jax.data.synthetic: error: {e}") from None

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from caer_jax import prompts as prompts_lib
+from caer_jax import label_sets
 from caer_jax.models import clip as clip_lib
 from caer_jax.models import tokenizer as tokenizer_lib
 
@@ -297,9 +297,11 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 
 def prompt_texts(model_cfg: Any) -> list[str]:
-    """The prompt of each class: n_ctx context placeholders, then the class text."""
+    """The prompt of each class of the label set: n_ctx context placeholders, then the class
+    text of the text type."""
     prefix = " ".join([tokenizer_lib.CONTEXT_PLACEHOLDER] * model_cfg.prompt.n_ctx)
-    return [prefix + " " + t for t in prompts_lib.class_texts(model_cfg.prompt.text_type)]
+    texts = label_sets.load(model_cfg.label_set).class_texts(model_cfg.prompt.text_type)
+    return [prefix + " " + t for t in texts]
 
 
 def build_model(

@@ -1,9 +1,13 @@
-"""Build throughput of the RAER builder: clips/s and MB/s for a manual_dir.
+"""Build throughput of the RAER builder, and what each storage encoding costs and loses.
 
   python -m tfds_raer.raer.benchmark --manual_dir=data/synthetic_raer --config=64px --workers=1,2
+  python -m tfds_raer.raer.benchmark --storage   # needs scikit-image (the test extra)
 
 or `build_rate(manual_dir, config="64px", num_workers=2)` from a benchmark script. Every run
 builds into a fresh temporary data_dir (removed afterwards unless `data_dir` is given).
+`--storage` prints, for real photographs (scikit-image's) scaled to frame sizes, the error of each
+encoding against the source crop, bytes per crop, encode/decode times, build and read rates, and
+the cost of keeping the face crop at its source size.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
-import tfds_raer  # noqa: F401  (registers "raer")
+import tfds_raer  # registers "raer"
+from caer_jax.data import augment
 from tfds_raer.raer import raer_lib
 
 
@@ -94,14 +101,182 @@ def build_rate(
     return result
 
 
+# ----------------------------------------------------------------------------- storage figures
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+FRAME_SIZES = ((1280, 720), (640, 480))
+ENCODINGS = (("jpeg", 75), ("jpeg", 85), ("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 0))
+
+
+def photo_clips(num_frames: int) -> list[tuple[str, list[Image.Image]]]:
+    """(name, frames) per photo and frame size; each frame is the photo shifted by a few pixels,
+    so that frames differ as in a video."""
+    import skimage.data  # the test extra; only this benchmark needs it
+
+    clips = []
+    for photo in PHOTOS:
+        base = Image.fromarray(getattr(skimage.data, photo)()).convert("RGB")
+        for w, h in FRAME_SIZES:
+            pixels = np.asarray(base.resize((w, h), Image.BILINEAR))
+            frames = [
+                Image.fromarray(np.roll(pixels, (t, -2 * t), axis=(0, 1)))
+                for t in range(num_frames)
+            ]
+            clips.append((f"{photo}_{w}x{h}", frames))
+    return clips
+
+
+def face_box(width: int, height: int) -> list[float]:
+    """A face of a fifth of the frame height, upper middle (classroom-camera framing)."""
+    return [0.45 * width, 0.2 * height, 0.45 * width + 0.2 * height, 0.4 * height]
+
+
+def _per_call_ms(fn, items: list, repeat: int = 5) -> float:
+    """ms per call of fn over items: the best of `repeat` passes (the machine may be shared)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        best = min(best, time.perf_counter() - start)
+    return round(1e3 * best / len(items), 2)
+
+
+def _name(image_format: str, quality: int) -> str:
+    return f"jpeg{quality}" if image_format == "jpeg" else image_format
+
+
+def encoding_figures(image_size: int = 224) -> list[dict[str, Any]]:
+    """Per encoding: mean and max |decoded - source crop| (levels of 255), kB, encode and decode
+    ms per crop, for face crops (source size) and context crops (letterboxed) of photo frames."""
+    crops: dict[str, list[Image.Image]] = {"face": [], "context": []}
+    for _, frames in photo_clips(1):
+        crops["face"].append(raer_lib.crop_face(frames[0], face_box(*frames[0].size)))
+        crops["context"].append(raer_lib.crop_context(frames[0], None, image_size))
+    rows = []
+    for image_format, quality in ENCODINGS:
+        storage = raer_lib.Storage(image_size, image_format, quality or 95)
+        row: dict[str, Any] = {"encoding": _name(image_format, quality)}
+        for stream, images in crops.items():
+            blobs = [storage.encode(im) for im in images]
+            errors = [
+                np.abs(np.asarray(augment.decode_image(b), np.float32) - np.asarray(im))
+                for b, im in zip(blobs, images, strict=True)
+            ]
+            row[stream] = {
+                "mean_abs_err": round(float(np.mean([e.mean() for e in errors])), 2),
+                "max_abs_err": int(max(e.max() for e in errors)),
+                "kB": round(float(np.mean([len(b) for b in blobs])) / 1e3, 1),
+                "encode_ms": _per_call_ms(storage.encode, images),
+                "decode_ms": _per_call_ms(augment.decode_image, blobs),
+            }
+        rows.append(row)
+    return rows
+
+
+def face_size_cost(image_size: int = 224, num_segments: int = 16) -> dict[str, Any]:
+    """Face crops stored at their source size (the authors' order: rotate, then resize) against
+    crops resized to image_size at build time: kB per stored face (JPEG 95) and the pipeline's
+    ms per clip of num_segments faces (decode, rotate, resize, flip)."""
+    storage = raer_lib.Storage(image_size, "jpeg", 95)
+    draw = augment.Draw(angle=3.0, flip=True)
+    stored: dict[str, list[list[bytes]]] = {"source_size": [], "resized_at_build": []}
+    for _, frames in photo_clips(num_segments):
+        faces = [raer_lib.crop_face(f, face_box(*f.size)) for f in frames]
+        stored["source_size"].append([storage.encode(f) for f in faces])
+        resized = [f.resize((image_size, image_size), Image.BILINEAR) for f in faces]
+        stored["resized_at_build"].append([storage.encode(f) for f in resized])
+
+    def load(clip: list[bytes]) -> np.ndarray:
+        return augment.transform_frames_uint8(
+            [augment.decode_image(b) for b in clip], image_size, draw
+        )
+
+    return {
+        name: {
+            "kB_per_face": round(float(np.mean([len(b) for c in clips for b in c])) / 1e3, 1),
+            "ms_per_clip": _per_call_ms(load, clips),
+        }
+        for name, clips in stored.items()
+    }
+
+
+def storage_rates(image_size: int = 224, num_frames: int = 16) -> list[dict[str, Any]]:
+    """Build rate (one worker thread) and read rate (train clips/s through the pipeline's loader,
+    every frame of the clip) of every encoding, on photo clips saved as JPEG 95 source frames."""
+    from caer_jax.data import pipeline  # not needed by the build-rate CLI
+
+    root = Path(tempfile.mkdtemp(prefix="raer_storage_"))
+    try:
+        manual = root / "manual"
+        lines, faces = [], {}
+        for k, (name, frames) in enumerate(photo_clips(num_frames)):
+            folder = manual / "clips" / name
+            folder.mkdir(parents=True)
+            faces[f"clips/{name}"] = {
+                f"{t:06d}.jpg": face_box(*frame.size) for t, frame in enumerate(frames)
+            }
+            for t, frame in enumerate(frames):
+                frame.save(folder / f"{t:06d}.jpg", quality=95)
+            lines.append(f"clips/{name} {num_frames} {k % 5 + 1}")
+        (manual / "train.txt").write_text("\n".join(lines[2:]) + "\n")
+        (manual / "test.txt").write_text("\n".join(lines[:2]) + "\n")
+        (manual / "face_boxes.json").write_text(json.dumps(faces))
+        (manual / "body_boxes.json").write_text("{}")
+        loader = pipeline._ClipLoader(num_frames, 1, image_size, 4.0, 0.5)
+        rows = []
+        for image_format, quality in ENCODINGS:
+            data_dir = root / _name(image_format, quality)
+            build = build_rate(
+                manual,
+                config=f"{image_size}px",
+                num_workers=1,
+                data_dir=data_dir,
+                image_format=image_format,
+                jpeg_quality=quality or 95,
+                quiet=True,
+            )
+            source = tfds.data_source(
+                f"raer/{image_size}px",
+                split="train",
+                data_dir=str(data_dir),
+                decoders={s: tfds_raer.raer.SkipFrameDecoding() for s in ("face", "context")},
+            )
+            records = list(enumerate(source[i] for i in range(len(source))))
+            ms = _per_call_ms(
+                lambda r: loader.load(r[1], r[0], np.random.default_rng(r[0])), records
+            )
+            rows.append(
+                {
+                    "encoding": _name(image_format, quality),
+                    "build_frames_per_s": build["frames_per_s"],
+                    "train_ms_per_clip": ms,
+                }
+            )
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--manual_dir", required=True)
+    p.add_argument("--manual_dir", help="build rate of this manual_dir")
+    p.add_argument("--storage", action="store_true", help="storage figures on photographs")
     p.add_argument("--config", default="64px")
     p.add_argument("--workers", default="0", help="comma-separated thread counts (0 = per core)")
     p.add_argument("--file_format", default=None)
     p.add_argument("--max_frames", type=int, default=0)
     args = p.parse_args(argv)
+    if args.storage:
+        figures = {
+            "encodings": encoding_figures(),
+            "face_size": face_size_cost(),
+            "rates": storage_rates(),
+        }
+        print(json.dumps(figures, indent=1), flush=True)
+        return [figures]
+    if not args.manual_dir:
+        p.error("--manual_dir is required (or --storage)")
     return [
         build_rate(
             args.manual_dir,

@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -32,15 +33,16 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from caer_jax.prompts import CLASS_NAMES
+from caer_jax import label_sets
 from tfds_raer.raer import raer_lib
 
 _DESCRIPTION = """
 RAER: about 2,700 video clips of about 140 students in classrooms, libraries, laboratories and
 dormitories, labelled with one of five academic emotions (Neutrality, Enjoyment, Confusion,
-Fatigue, Distraction). Each example stores, for every frame of the clip, the face crop (face box
-grown by 20 px, whole frame without a box, resized to SxS) and the context crop (body box, whole
-frame without one, letterboxed to SxS), both as JPEG. Labels are 0-based.
+Fatigue, Distraction) or the classes of another label set. Each example stores, for every frame of
+the clip, the face crop at its source size (face box grown by 20 px, whole frame without a box)
+and the context crop (body box, whole frame without one, letterboxed to SxS with OpenCV as the
+authors), as JPEG or PNG. Labels are 0-based.
 """
 
 _CITATION = """
@@ -62,7 +64,9 @@ OPTION_FIELDS = (
     "validation_fraction",
     "validation_seed",
     "max_frames",
+    "image_format",
     "jpeg_quality",
+    "label_set",
     "path_prefix_map",
     "num_workers",
 )
@@ -81,10 +85,16 @@ class RaerConfig(tfds.core.BuilderConfig):
     train_file, test_file, face_boxes_file, body_boxes_file: file names inside manual_dir.
     num_workers: threads decoding and cropping clips (1 = in the writing thread; 0 = automatic:
       one per core, at most 8). The records do not depend on it.
+    image_format, jpeg_quality: how crops are stored, "jpeg" (at jpeg_quality) or "png"
+      (lossless). The default, JPEG 95, is chosen from the figures in README.md.
+    label_set: the classes of the annotation files (caer_jax.label_sets): "raer5" or the path of a
+      label set JSON file. Labels must lie in 1..n; the ClassLabel names are the set's.
     """
 
     image_size: int = 224
-    jpeg_quality: int = 90
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    label_set: str = label_sets.RAER5.name
     skip_bad_clips: bool = False
     validation_fraction: float = 0.0
     validation_seed: int = 0
@@ -111,8 +121,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for RAER (manual download)."""
 
     name = "raer"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Face and context crops per frame, JPEG, ArrayRecord by default."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Face and context crops per frame, JPEG, ArrayRecord by default.",
+        "2.0.0": "Face crops at their source size (the pipeline rotates, then resizes, as the "
+        "authors); context letterboxed with OpenCV as the authors; JPEG quality 95 by default "
+        "or PNG (image_format); class names from the label set (label_set).",
+    }
     BUILDER_CONFIGS = [
         _make_config(224, "224x224 crops, the paper's setting."),
         _make_config(64, "64x64 crops, for the tiny embedded default."),
@@ -122,7 +137,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     RAER is distributed on request by its authors (see https://github.com/zgsfer/CLIP-CAER).
     Put these in manual_dir (`--manual_dir=DIR` of `tfds build`, or
     `tfds.download.DownloadConfig(manual_dir=DIR)`):
-      {raer_lib.ANNOTATION_FILES["train"]}   lines "<frames_dir> <num_frames> <label 1..5>"
+      {raer_lib.ANNOTATION_FILES["train"]}   lines "<frames_dir> <num_frames> <label 1..n>" (n = 5 for RAER)
       {raer_lib.ANNOTATION_FILES["test"]}    same format
       {raer_lib.FACE_BOXES_FILE}  {{frames_dir: {{frame_file_name: [left, upper, right, lower]}}}}
       {raer_lib.BODY_BOXES_FILE}  {{frames_dir: [left, upper, right, lower]}}
@@ -148,32 +163,55 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         overrides.update({k: kwargs.pop(k) for k in OPTION_FIELDS if k in kwargs})
         if "path_prefix_map" in overrides:
             overrides["path_prefix_map"] = tuple(tuple(p) for p in overrides["path_prefix_map"])
+        self._overrides = overrides  # read by _info, which TFDS calls inside __init__
         super().__init__(file_format=file_format, **kwargs)
         self._original_state.update(overrides, file_format=file_format)  # for pickling
-        self.options: RaerConfig = dataclasses.replace(self.builder_config, **overrides)
-        _check_options(self.options)
+        # Bad options and label sets fail here, also when a built dataset is only read.
+        _ = self.label_set
         if file_format is None and not self.is_prepared():
             self.info.set_file_format("array_record", override=True)
 
+    @functools.cached_property
+    def options(self) -> RaerConfig:
+        """The config with the options given to this builder (checked)."""
+        options = dataclasses.replace(self.builder_config, **self._overrides)
+        _check_options(options)
+        return options
+
+    @functools.cached_property
+    def label_set(self) -> label_sets.LabelSet:
+        return label_sets.load(self.options.label_set)
+
     def _info(self) -> tfds.core.DatasetInfo:
-        s = self.builder_config.image_size
+        if tfds.core.dataset_info.dataset_info_path(self.data_path).exists():
+            # A built dataset: its own features (class names, image format), whatever the
+            # options given to read it.
+            features = tfds.features.FeatureConnector.from_config(os.fspath(self.data_path))
+        else:
+            features = self._features()
         return self.dataset_info_from_configs(
             description=_DESCRIPTION,
-            features=tfds.features.FeaturesDict(
-                {
-                    "video_id": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                    "num_frames": tfds.features.Scalar(dtype=np.int32),
-                    "face": tfds.features.Video((None, s, s, 3), encoding_format="jpeg"),
-                    "context": tfds.features.Video((None, s, s, 3), encoding_format="jpeg"),
-                    "face_box_found": tfds.features.Sequence(tfds.features.Scalar(dtype=np.bool_)),
-                    "annotation": tfds.features.Text(),
-                }
-            ),
+            features=features,
             supervised_keys=None,
             homepage="https://github.com/zgsfer/CLIP-CAER",
             citation=_CITATION,
             metadata=tfds.core.MetadataDict(),
+        )
+
+    def _features(self) -> tfds.features.FeaturesDict:
+        s, fmt = self.builder_config.image_size, self.options.image_format
+        return tfds.features.FeaturesDict(
+            {
+                "video_id": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=self.label_set.class_names),
+                "num_frames": tfds.features.Scalar(dtype=np.int32),
+                # Face frames keep their source size, which varies from frame to frame:
+                # read them with tfds.data_source, or with SkipDecoding in as_dataset.
+                "face": tfds.features.Video((None, None, None, 3), encoding_format=fmt),
+                "context": tfds.features.Video((None, s, s, 3), encoding_format=fmt),
+                "face_box_found": tfds.features.Sequence(tfds.features.Scalar(dtype=np.bool_)),
+                "annotation": tfds.features.Text(),
+            }
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -186,6 +224,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 f"RAER manual_dir {manual_dir} not found.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         opts = self.options
+        label_sets.check_same_classes(
+            self.label_set.class_names,
+            f"label set {opts.label_set!r}",
+            self.info.features["label"].names,
+            f"the dataset already in {self.data_dir} (delete it to rebuild)",
+        )
         face_boxes, body_boxes = raer_lib.read_boxes(manual_dir, opts.files)
         seen: dict[str, str] = {}
         self._problems = {}
@@ -199,6 +243,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 face_boxes=face_boxes,
                 body_boxes=body_boxes,
                 seen=seen,
+                num_classes=self.label_set.num_classes,
                 skip_bad_clips=opts.skip_bad_clips,
                 problems=problems,
                 prefix_map=opts.path_prefix_map,
@@ -242,7 +287,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 f"{split} split: no usable clip ({problems.total} skipped: "
                 f"{dict(problems.counts)}); first: " + "; ".join(problems.first[:3])
             )
-        stats = raer_lib.statistics(meta, CLASS_NAMES)
+        stats = raer_lib.statistics(meta, self.label_set.class_names)
         stats["seconds"] = round(time.perf_counter() - start, 2)
         stats["skipped"] = problems.as_dict()
         self._stats[split] = stats
@@ -251,12 +296,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 
 class SkipFrameDecoding(tfds.decode.SkipDecoding):
-    """Leaves a Video feature's frames as JPEG bytes, for `tfds.data_source(..., decoders=...)`.
+    """Leaves a Video feature's frames encoded (JPEG or PNG bytes), for
+    `tfds.data_source(..., decoders=...)`.
 
     `tfds.decode.SkipDecoding` works with `tfds.load`/`as_dataset` (TF) but fails on the NumPy
     path of `tfds.data_source` for sequence features such as Video (TFDS 4.9.10 has no
     `decode_batch_example_np` there). With this decoder `example["face"]` is a 1-D object array
-    of per-frame JPEG bytes, so a pipeline decodes only the frames it samples.
+    of per-frame encoded bytes, so a pipeline decodes only the frames it samples.
     """
 
     def decode_batch_example_np(self, serialized_example):
@@ -269,6 +315,8 @@ def _check_options(o: RaerConfig) -> None:
 
     if not 8 <= o.image_size <= 4096:
         bad(f"image_size must be in 8..4096, got {o.image_size}")
+    if o.image_format not in raer_lib.IMAGE_FORMATS:
+        bad(f"image_format must be one of {raer_lib.IMAGE_FORMATS}, got {o.image_format!r}")
     if not 1 <= o.jpeg_quality <= 100:
         bad(f"jpeg_quality must be in 1..100, got {o.jpeg_quality}")
     if not 0.0 <= o.validation_fraction < 1.0:
@@ -307,12 +355,8 @@ def _encode_in_order(
     submitted ahead of the one being written, so memory stays bounded; a consumer that stops
     early cancels the frames not yet started.
     """
-    start = functools.partial(
-        raer_lib.start_clip,
-        image_size=opts.image_size,
-        jpeg_quality=opts.jpeg_quality,
-        max_frames=opts.max_frames,
-    )
+    storage = raer_lib.Storage(opts.image_size, opts.image_format, opts.jpeg_quality)
+    start = functools.partial(raer_lib.start_clip, storage=storage, max_frames=opts.max_frames)
     if num_workers <= 1:
         for clip in clips:
             yield clip, raer_lib.finish_clip(clip, start(clip))
@@ -343,7 +387,7 @@ def _report(name: str, config: str, split: str, stats: dict[str, Any]) -> None:
     skipped = stats["skipped"]
     lines = [
         f"[{name}/{config}] {split}: {stats['num_clips']} clips, {stats['frames_stored']} frames, "
-        f"{stats['bytes_stored'] / 1e6:.1f} MB of JPEG in {stats['seconds']} s; classes "
+        f"{stats['bytes_stored'] / 1e6:.1f} MB of crops in {stats['seconds']} s; classes "
         + json.dumps(stats["class_counts"]),
         f"  frames without a face box: {stats['frames_without_face_box']}, clips without a body "
         f"box: {stats['clips_without_body_box']}",

@@ -6,7 +6,8 @@ a cloud bucket.
 
 Layout (manual_dir):
   <frames_dir>/<frame files>   one folder per clip, frames in sorted file-name order
-  train.txt, test.txt          lines "<frames_dir> <num_frames> <label 1..5>", single spaces
+  train.txt, test.txt          lines "<frames_dir> <num_frames> <label 1..n>", single spaces
+                               (n classes of the label set, caer_jax.label_sets; 5 for RAER)
   face_boxes.json              {frames_dir: {frame_file_name: [left, upper, right, lower]}}
   body_boxes.json              {frames_dir: [left, upper, right, lower]}
 """
@@ -24,11 +25,11 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 from etils import epath
 from PIL import Image
 
-NUM_CLASSES = 5
 ANNOTATION_FILES = {"train": "train.txt", "test": "test.txt"}
 FACE_BOXES_FILE = "face_boxes.json"
 BODY_BOXES_FILE = "body_boxes.json"
@@ -111,45 +112,62 @@ class ClipSpec:
 # ----------------------------------------------------------------------------- crops
 
 
-def _int_region(box: Sequence[float], width: int, height: int, margin: float = 0) -> tuple:
-    left = max(0, math.floor(box[0] - margin))
-    upper = max(0, math.floor(box[1] - margin))
-    right = min(width, math.ceil(box[2] + margin))
-    lower = min(height, math.ceil(box[3] + margin))
-    return left, upper, right, lower
-
-
 def face_region(box: Sequence[float] | None, width: int, height: int) -> tuple[int, int, int, int]:
-    """The face box grown by FACE_MARGIN on every side, clamped; the whole frame without a box."""
+    """The face box grown by FACE_MARGIN on every side, clamped; the whole frame without a box.
+
+    As the authors: each coordinate truncated with int() before the margin is added.
+    """
     if box is None:
         return 0, 0, width, height
-    return _int_region(box, width, height, FACE_MARGIN)
+    left, upper, right, lower = (int(v) for v in box)
+    return (
+        max(0, left - FACE_MARGIN),
+        max(0, upper - FACE_MARGIN),
+        min(width, right + FACE_MARGIN),
+        min(height, lower + FACE_MARGIN),
+    )
 
 
-def crop_face(img: Image.Image, box: Sequence[float] | None, size: int) -> Image.Image:
-    """Face stream crop: margin-grown box, resized to size x size (bilinear, aspect not kept)."""
-    region = face_region(box, *img.size)
-    return img.crop(region).resize((size, size), Image.BILINEAR)
+def crop_face(img: Image.Image, box: Sequence[float] | None) -> Image.Image:
+    """Face stream crop at its source size: the margin-grown box (the whole frame without one).
+
+    The pipeline rotates it, then resizes it to the model's size, as the authors' transform.
+    """
+    return img.crop(face_region(box, *img.size))
 
 
 def letterbox(img: Image.Image, size: int) -> Image.Image:
-    """Scales to fit size x size keeping the aspect ratio and pads with black, centred.
+    """The authors' context letterbox (OpenCV): fit size x size keeping the aspect, pad black.
 
-    The scaled side is round(side * size / longest side); the odd pixel of padding goes to the
-    bottom/right.
+    r = min(size / w, size / h); the scaled sides are int(w * r), int(h * r) (truncated);
+    cv2.resize with its default INTER_LINEAR (no antialiasing when shrinking); then
+    cv2.copyMakeBorder with black, (size - side) // 2 on each side and the odd pixel at the
+    bottom/right. The authors convert RGB to BGR before and back after; both OpenCV steps work
+    on each channel alone, so running them on the RGB array gives the same pixels.
     """
     w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    out = Image.new("RGB", (size, size))
-    out.paste(img.resize((nw, nh), Image.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
-    return out
+    if w == 0 or h == 0:
+        raise BadClip("degenerate_crop", f"an empty {w}x{h} crop cannot be letterboxed")
+    r = min(size / w, size / h)
+    nw, nh = int(w * r), int(h * r)
+    if nw == 0 or nh == 0:
+        raise BadClip(
+            "degenerate_crop", f"a {w}x{h} crop letterboxed to {size} px keeps no row or column"
+        )
+    scaled = cv2.resize(np.asarray(img), (nw, nh))  # default interpolation: INTER_LINEAR
+    top, left = (size - nh) // 2, (size - nw) // 2
+    bottom, right = size - nh - top, size - nw - left
+    padded = cv2.copyMakeBorder(
+        scaled, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(0, 0, 0)
+    )
+    return Image.fromarray(padded)
 
 
 def crop_context(img: Image.Image, box: Sequence[float] | None, size: int) -> Image.Image:
-    """Context stream crop: the body box (whole frame without one), letterboxed to size x size."""
+    """Context stream crop: the body box (PIL crop, which rounds the coordinates; the whole
+    frame without a box), letterboxed to size x size."""
     if box is not None:
-        img = img.crop(_int_region(box, *img.size))
+        img = img.crop(tuple(box))
     return letterbox(img, size)
 
 
@@ -161,9 +179,21 @@ def load_rgb(path: epath.Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+# Storage encodings of the crops: JPEG (lossy, `jpeg_quality`) or PNG (lossless).
+IMAGE_FORMATS = ("jpeg", "png")
+# zlib level 1: on 224 px photo crops 5-6 % larger files than level 6, encoded 2-5x faster.
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_image(img: Image.Image, image_format: str, jpeg_quality: int) -> bytes:
+    """The crop as stored: JPEG at `jpeg_quality` (4:2:0 chroma, Pillow's default) or PNG."""
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
+    if image_format == "jpeg":
+        img.save(buf, format="JPEG", quality=jpeg_quality)
+    elif image_format == "png":
+        img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    else:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     return buf.getvalue()
 
 
@@ -182,13 +212,25 @@ def _check_box_in_image(box: Box, width: int, height: int, what: str) -> None:
         )
 
 
-def encode_frame(
-    clip: ClipSpec, name: str, *, image_size: int, jpeg_quality: int
-) -> tuple[bytes, bytes, bool]:
-    """Decodes and checks one frame of `clip`; returns (face JPEG, context JPEG, face box found).
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """How crops are stored: the context letterbox size and the image encoding."""
+
+    image_size: int  # context crops are letterboxed to image_size x image_size
+    image_format: str = "jpeg"  # one of IMAGE_FORMATS
+    jpeg_quality: int = 95
+
+    def encode(self, img: Image.Image) -> bytes:
+        return encode_image(img, self.image_format, self.jpeg_quality)
+
+
+def encode_frame(clip: ClipSpec, name: str, *, storage: Storage) -> tuple[bytes, bytes, bool]:
+    """Decodes and checks one frame of `clip`; returns (face, context, face box found), the
+    crops encoded as `storage` says: the face at its source size, the context letterboxed.
 
     Raises BadClip for an undecodable frame or a box outside it. Thread-safe: the builder runs
-    it on several frames at once (Pillow releases the GIL while it decodes, resizes, encodes).
+    it on several frames at once (Pillow and OpenCV release the GIL while they decode, resize,
+    encode).
     """
     path = epath.Path(clip.frames_path) / name
     try:
@@ -203,16 +245,15 @@ def encode_frame(
         _check_box_in_image(
             clip.body_box, w, h, f"body box ({clip.files.body_boxes}) of frame {name}"
         )
-    face = encode_jpeg(crop_face(img, box, image_size), jpeg_quality)
-    context = encode_jpeg(crop_context(img, clip.body_box, image_size), jpeg_quality)
+    face = storage.encode(crop_face(img, box))
+    context = storage.encode(crop_context(img, clip.body_box, storage.image_size))
     return face, context, box is not None
 
 
 def start_clip(
     clip: ClipSpec,
     *,
-    image_size: int,
-    jpeg_quality: int,
+    storage: Storage,
     max_frames: int = 0,
     map_fn: Callable[..., Iterator] = map,
 ) -> Iterator[tuple[bytes, bytes, bool]]:
@@ -223,8 +264,7 @@ def start_clip(
     caller writes the current one.
     """
     names = [clip.frame_files[i] for i in subsample(len(clip.frame_files), max_frames)]
-    encode = functools.partial(encode_frame, clip, image_size=image_size, jpeg_quality=jpeg_quality)
-    return map_fn(encode, names)
+    return map_fn(functools.partial(encode_frame, clip, storage=storage), names)
 
 
 def finish_clip(
@@ -346,6 +386,7 @@ def read_split(
     face_boxes: dict,
     body_boxes: dict,
     seen: dict[str, str],
+    num_classes: int,
     skip_bad_clips: bool,
     problems: Problems,
     prefix_map: Sequence[tuple[str, str]] = (),
@@ -354,7 +395,8 @@ def read_split(
     """Parses and checks one annotation file (frames on disk, boxes); returns its clips.
 
     Problems that concern one clip raise RaerFormatError naming file and line, or, with
-    `skip_bad_clips`, leave the clip out and are recorded in `problems`. `seen` maps the
+    `skip_bad_clips`, leave the clip out and are recorded in `problems`. Labels are 1..num_classes
+    in the file (0-based in the result). `seen` maps the
     frames_dir of clips already read (of any split) to their source, to catch duplicates.
     """
     path = manual_dir / split_file
@@ -373,7 +415,15 @@ def read_split(
         try:
             clips.append(
                 _read_line(
-                    manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map, files
+                    manual_dir,
+                    line,
+                    source,
+                    face_boxes,
+                    body_boxes,
+                    seen,
+                    prefix_map,
+                    files,
+                    num_classes,
                 )
             )
         except BadClip as e:
@@ -385,7 +435,7 @@ def read_split(
 
 
 def _read_line(
-    manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map, files
+    manual_dir, line, source, face_boxes, body_boxes, seen, prefix_map, files, num_classes
 ) -> ClipSpec:
     parts = line.split(" ")
     if len(parts) != 3 or not all(parts):
@@ -398,8 +448,10 @@ def _read_line(
         num_frames, label = int(num_text), int(label_text)
     except ValueError:
         raise BadClip("malformed_line", "num_frames and label must be integers") from None
-    if not 1 <= label <= NUM_CLASSES:
-        raise BadClip("bad_label", f"label {label} outside 1..{NUM_CLASSES}")
+    if not 1 <= label <= num_classes:
+        raise BadClip(
+            "bad_label", f"label {label} outside 1..{num_classes} (the label set's classes)"
+        )
     if frames_dir in seen:
         raise BadClip("duplicate_clip", f"{frames_dir} already listed at {seen[frames_dir]}")
     seen[frames_dir] = source
