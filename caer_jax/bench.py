@@ -25,10 +25,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags
 
-from caer_jax import optim, steps
-from caer_jax import state as state_lib
+from caer_jax import bench_end_to_end, compilation, profiling, sharding
 from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
 
@@ -36,7 +36,9 @@ RAER_CLIPS = 2700
 
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file too.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
-_PAPER_BATCH = flags.DEFINE_integer("paper_batch", 8, "Clips per step at the paper geometry.")
+_PAPER_BATCHES = flags.DEFINE_list(
+    "paper_batches", ["8"], "Clips per step at the paper geometry (each is measured)."
+)
 _SKIP_PAPER = flags.DEFINE_bool("skip_paper", False, "Skip the (slow on CPU) ViT-B/32 geometry.")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 40, "Batches timed in the pipeline.")
 _BUILD_CLIPS = flags.DEFINE_integer("build_clips", 12, "RAER-length clips to build (0: skip).")
@@ -46,7 +48,38 @@ _SKIP_DATA = flags.DEFINE_bool(
 _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", 4096, "Side of the reference matmul (8192 saturates an H100/H200)."
 )
-_PAPER_DTYPE = flags.DEFINE_string("paper_dtype", "float32", "Compute dtype of the ViT-B/32 run.")
+_PAPER_DTYPES = flags.DEFINE_list(
+    "paper_dtypes", ["float32"], "Compute dtypes of the ViT-B/32 runs (each is measured)."
+)
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "Write a jax.profiler trace (with a Perfetto JSON) of a few steps of the first paper run "
+    "here, and print the device's busiest operations.",
+)
+_END_TO_END = flags.DEFINE_bool(
+    "end_to_end",
+    False,
+    "Also run the training loop at the paper geometry (caer_jax/bench_end_to_end.py): start-up "
+    "cold and warm, training and eval clips/s with the pipeline, step alone, pipeline per core.",
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "End to end: a TFDS data_dir with raer/224px built (default: synthetic)."
+)
+_E2E_CLIPS = flags.DEFINE_integer("e2e_clips", 24, "End to end: synthetic RAER-length clips.")
+_E2E_BATCH = flags.DEFINE_integer("e2e_batch", 2, "End to end: global batch (clips per step).")
+_E2E_EPOCHS = flags.DEFINE_integer("e2e_epochs", 1, "End to end: training epochs per run.")
+_E2E_WORKERS = flags.DEFINE_list(
+    "e2e_workers", ["0", "1", "2"], "End to end: grain worker counts of the pipeline figures."
+)
+_E2E_REPEAT = flags.DEFINE_integer(
+    "e2e_repeat",
+    1,
+    "End to end: store every record this many times (many steps from a small carried build).",
+)
+_E2E_PIPELINE_BATCHES = flags.DEFINE_integer(
+    "e2e_pipeline_batches", 8, "End to end: batches timed per pipeline worker count."
+)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -67,56 +100,92 @@ def matmul_flops_per_second(dtype: str = "float32", n: int = 4096, repeats: int 
     return 2 * n**3 / median_seconds(lambda: matmul(a, b), repeats)
 
 
+def random_batch(config: ml_collections.ConfigDict, batch_size: int, mesh) -> dict:
+    """A global batch as the input pipeline makes it: uint8 pixels, labels, mask, indices."""
+    from caer_jax.data import pipeline
+
+    shape = (
+        batch_size,
+        config.data.num_segments,
+        config.data.image_size,
+        config.data.image_size,
+        3,
+    )
+    rng = np.random.default_rng(0)
+    host = {
+        "face": rng.integers(0, 256, shape, np.uint8),
+        "context": rng.integers(0, 256, shape, np.uint8),
+        "label": (np.arange(batch_size) % 5).astype(np.int32),
+        "mask": np.ones(batch_size, np.bool_),
+        "index": np.arange(batch_size, dtype=np.int32),
+    }
+    return pipeline.global_batch(host, mesh)
+
+
+_PARAMS: dict = {}
+
+
+def _initial_params(setup, config: ml_collections.ConfigDict):
+    """Random parameters, initialised once per geometry: they do not depend on the compute
+    dtype or the batch, and the init program of a random ViT-B is slow to compile."""
+    model = config.model.to_dict()
+    for key in ("dtype", "remat"):
+        model.pop(key)
+    key = json.dumps([model, config.data.num_segments, config.seed], sort_keys=True, default=str)
+    if key not in _PARAMS:
+        _PARAMS[key] = caer.init_params(setup.model, config.model, setup.init_rng)
+    return _PARAMS[key]
+
+
 def bench_model(
     config: ml_collections.ConfigDict,
     batch_size: int,
     repeats: int,
     reference_rate: Callable[[], float],
+    steps_per_epoch: int = 100,
+    profile_dir: str = "",
 ) -> dict:
     """Train-step and eval-step figures of `config`'s model on random clips.
 
-    The utilisation divides by the higher of two `reference_rate()` measurements taken right
-    before and right after the timed steps: a shared or throttled host changes speed within
-    minutes, and the higher reference never flatters the ratio.
+    The programs are the training loop's own (train.TrainingSetup on config.mesh over all
+    devices), so with the persistent compilation cache of a run of the same config they are not
+    compiled again. The utilisation divides by the higher of two `reference_rate()`
+    measurements taken right before and right after the timed steps: a shared or throttled host
+    changes speed within minutes, and the higher reference never flatters the ratio.
     """
+    from caer_jax import train
+
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.clip.source = "random"  # speed does not depend on the weights' values
+    config.train.batch_size = batch_size
+    mesh = sharding.make_mesh(config.mesh)
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
-    params = caer.init_params(model, config.model, jax.random.key(0))
-    tx = optim.make_optimizer(params, config.optim, steps_per_epoch=100)
-    state = state_lib.create(params, tx)
-    face, context = state_lib.dummy_inputs(config, batch_size)
-    batch = {
-        "face": face + 0.5,
-        "context": context + 0.5,
-        "label": jnp.arange(batch_size) % 5,
-    }
-    step = jax.jit(
-        functools.partial(
-            steps.train_step,
-            model=model,
-            tx=tx,
-            dropout_rng=jax.random.key(1),
-            streams=config.model.streams,
-        )
-    )
-    compiled = step.lower(state, batch).compile()
-    # XLA's count of the compiled program. On GPU it leaves out the cuBLAS GEMM calls (seen on
-    # an H200: 135 GFLOP for a ViT-B/32 step that the CPU compilation counts at 6.8 TFLOP), so
-    # utilisation is only meaningful where the backend counts its matmuls (CPU, TPU).
-    cost = compiled.cost_analysis()
+    setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
+    state = setup.initial_state(config, _initial_params(setup, config))
+    batch = random_batch(config, batch_size, mesh)
+    lowered = setup.step_fn.lower(state, batch)
+    compiled = lowered.compile()
+    # The FLOPs of the program before backend passes: the compiled program's own count leaves
+    # out the cuBLAS GEMM calls on GPU (an H200 reported 135 GFLOP for a step of 6.8 TFLOP).
+    cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0))
+    holder = [state]  # the step donates its input state
+
+    def step():
+        holder[0], step_metrics = compiled(holder[0], batch)
+        return step_metrics["loss"]
+
     rate_before = reference_rate()
-    step_time = median_seconds(lambda: compiled(state, batch)[1]["loss"], repeats)
+    step_time = median_seconds(step, repeats)
     peak = max(rate_before, reference_rate())
-
-    def forward(params, batch):
-        face, context = steps.stream_inputs(batch, config.model.streams)
-        return model.apply({"params": params}, face, context, train=False)[0]
-
-    forward = jax.jit(forward)
-    eval_time = median_seconds(lambda: forward(params, batch), repeats)
+    profile = None
+    if profile_dir:
+        trace = profiling.trace_steps(step, profile_dir, steps=5)
+        profile = profiling.busiest_ops(trace) if trace else {"error": "no Perfetto trace"}
+        profile["steps"] = 5
+    params = holder[0].params
+    eval_time = median_seconds(lambda: setup.eval_fn(params, batch)["probs"], repeats)
     return {
         "batch_clips": batch_size,
         "frames_per_clip": config.data.num_segments,
@@ -130,6 +199,7 @@ def bench_model(
         "reference_matmul_flops_per_s": peak,
         "utilisation_of_matmul_rate": flops / step_time / peak,
         "eval_clips_per_s": batch_size / eval_time,
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -192,6 +262,21 @@ def host_allocator() -> str:
 def run(argv=()) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    with tempfile.TemporaryDirectory(prefix="caer_bench_") as scratch:
+        # A compilation cache of this run alone, empty at the start: the end-to-end cold start
+        # is cold, and the step timed here is the same program as the training run's (a hit).
+        cache = Path(scratch) / "compilation_cache"
+        compilation.enable_persistent_cache(str(cache))
+        results = measure(Path(scratch), cache)
+    report(results)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def measure(scratch: Path, cache: Path) -> dict:
+    """Every figure the flags ask for; `scratch` is a temporary folder, `cache` the persistent
+    compilation cache this process uses."""
     reference = functools.partial(
         matmul_flops_per_second, n=_MATMUL_SIZE.value, repeats=_REPEATS.value
     )
@@ -205,34 +290,75 @@ def run(argv=()) -> None:
             synthetic_tiny.get_config(), 8, _REPEATS.value, functools.partial(reference, "float32")
         ),
     }
-    if not _SKIP_PAPER.value:
-        paper = clip_caer_b32.get_config()
-        paper.model.dtype = _PAPER_DTYPE.value
-        results["paper_b32"] = bench_model(
-            paper,
-            _PAPER_BATCH.value,
-            max(2, _REPEATS.value // 2),
-            functools.partial(reference, _PAPER_DTYPE.value),
-        )
-    if not _SKIP_DATA.value:
-        results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
-    if _BUILD_CLIPS.value and not _SKIP_DATA.value:
-        results["build_224px"] = bench_build(_BUILD_CLIPS.value)
     print(
         f"device {results['device']} x{results['num_devices']} ({results['host_allocator']} "
         f"malloc): matmul {peak / 1e9:.1f} GFLOP/s"
     )
-    for name in ("tiny", "paper_b32"):
-        if name in results:
-            r = results[name]
-            print(
-                f"{name:>9}: train step {r['train_step_s'] * 1e3:.1f} ms "
-                f"({r['train_clips_per_s']:.1f} clips/s), {r['train_step_flops'] / 1e9:.1f} GFLOP/step, "
-                f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
-                f"{100 * r['utilisation_of_matmul_rate']:.0f}% of the {r['dtype']} matmul's "
-                f"{r['reference_matmul_flops_per_s'] / 1e9:.0f}; "
-                f"eval {r['eval_clips_per_s']:.1f} clips/s"
+    print_model("tiny", results["tiny"])
+    if not _SKIP_PAPER.value:
+        results["paper_b32"] = []
+        for dtype, batch in itertools.product(_PAPER_DTYPES.value, _PAPER_BATCHES.value):
+            paper = clip_caer_b32.get_config()
+            paper.model.dtype = dtype
+            profile = _PROFILE_DIR.value if not results["paper_b32"] else ""
+            results["paper_b32"].append(
+                bench_model(
+                    paper,
+                    int(batch),
+                    max(2, _REPEATS.value // 2),
+                    functools.partial(reference, dtype),
+                    profile_dir=profile,
+                )
             )
+            print_model("paper_b32", results["paper_b32"][-1])
+    if _END_TO_END.value:
+        results["end_to_end"] = bench_end_to_end.run(
+            scratch,
+            cache,
+            data_dir=_DATA_DIR.value or None,
+            num_clips=_E2E_CLIPS.value,
+            batch_size=_E2E_BATCH.value,
+            epochs=_E2E_EPOCHS.value,
+            dtype=_PAPER_DTYPES.value[0],
+            worker_counts=[int(w) for w in _E2E_WORKERS.value],
+            pipeline_batches=_E2E_PIPELINE_BATCHES.value,
+            repeat_records=_E2E_REPEAT.value,
+            measure_step=lambda config, steps_per_epoch: bench_model(
+                config,
+                _E2E_BATCH.value,
+                max(2, _REPEATS.value // 2),
+                functools.partial(reference, _PAPER_DTYPES.value[0]),
+                steps_per_epoch,
+            ),
+        )
+        print("\n".join(bench_end_to_end.describe(results["end_to_end"])), flush=True)
+    if not _SKIP_DATA.value:
+        results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
+    if _BUILD_CLIPS.value and not _SKIP_DATA.value:
+        results["build_224px"] = bench_build(_BUILD_CLIPS.value)
+    return results
+
+
+def print_model(name: str, r: dict) -> None:
+    """One model figure's line (printed as soon as it is measured), and its profile if any."""
+    print(
+        f"{name:>9} ({r['dtype']}, batch {r['batch_clips']}): train step "
+        f"{r['train_step_s'] * 1e3:.1f} ms ({r['train_clips_per_s']:.1f} clips/s), "
+        f"{r['train_step_flops'] / 1e9:.1f} GFLOP/step, "
+        f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * r['utilisation_of_matmul_rate']:.0f}% of the {r['dtype']} matmul's "
+        f"{r['reference_matmul_flops_per_s'] / 1e9:.0f}; eval {r['eval_clips_per_s']:.1f} clips/s",
+        flush=True,
+    )
+    if "top" in r.get("profile", {}):
+        busy = r["profile"]["device_busy_us"] / r["profile"]["steps"] / 1e3
+        print(f"  device busy {busy:.1f} ms per step; busiest operations:")
+        for op in r["profile"]["top"]:
+            print(f"    {100 * op['share']:5.1f} %  {op['name'][:110]}")
+
+
+def report(results: dict) -> None:
+    """Prints the figures of `measure` not printed as they were measured."""
     if "pipeline" in results:
         p = results["pipeline"]
         print(
@@ -246,9 +372,6 @@ def run(argv=()) -> None:
             f"{b['write_MB_per_s']:.1f} MB/s written at 224 px; 2,700 RAER clips in about "
             f"{b['projected_raer_minutes']:.0f} min"
         )
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ checkpoint; the best checkpoint by UAR is evaluated on the test split at the end
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import signal
@@ -82,7 +83,7 @@ def _iterator_layout(config: ml_collections.ConfigDict, start_step: int) -> dict
     return {
         "start_step": start_step,
         "process_count": jax.process_count(),
-        "worker_count": config.data.worker_count,
+        "worker_count": pipeline.worker_count(config),
     }
 
 
@@ -164,6 +165,46 @@ def jit_train_step(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """What a run of `config` on `mesh` compiles and starts from; the benchmark builds the same
+    one, so its programs are the training run's (and hit its persistent compilation cache)."""
+
+    model: caer.CLIPCAER
+    tx: Any
+    abstract: state_lib.TrainState
+    state_shardings: Any
+    step_fn: Any
+    eval_fn: Any
+    init_rng: jax.Array
+
+    @classmethod
+    def create(cls, config, model, mesh, steps_per_epoch: int) -> TrainingSetup:
+        init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+        abstract = state_lib.abstract_state(model, config, steps_per_epoch)
+        state_shardings = sharding.tree_shardings(abstract, mesh)
+        tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
+        step_fn = jit_train_step(
+            model,
+            tx,
+            dropout_rng=dropout_rng,
+            streams=config.model.streams,
+            grad_accum_steps=config.train.grad_accum_steps,
+            state_shardings=state_shardings,
+            mesh=mesh,
+        )
+        eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
+        return cls(model, tx, abstract, state_shardings, step_fn, eval_fn, init_rng)
+
+    def initial_state(self, config, params: Any = None) -> state_lib.TrainState:
+        """A fresh state (from `params` if given) laid out on the mesh by one program (op by
+        op, the optimizer's init compiled a small program per parameter shape)."""
+        if params is None:
+            params = caer.init_params(self.model, config.model, self.init_rng)
+        create = lambda p: state_lib.create(p, self.tx)  # noqa: E731
+        return jax.jit(create, out_shardings=self.state_shardings)(params)
+
+
 def _evaluate_epoch(
     eval_fn, params, config, mesh, *, epoch, step, losses, history, writer, workdir
 ) -> dict:
@@ -210,10 +251,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch = pipeline.steps_per_epoch(config)
     total_steps = steps_per_epoch * config.train.num_epochs
 
-    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    abstract = state_lib.abstract_state(model, config, steps_per_epoch)
-    state_shardings = sharding.tree_shardings(abstract, mesh)
-    tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
+    setup = TrainingSetup.create(config, model, mesh, steps_per_epoch)
+    abstract, state_shardings = setup.abstract, setup.state_shardings
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
     def new_iterator(start_step: int) -> prefetch.DevicePrefetch:
@@ -249,10 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     resumed = ckpts.restore_newest_intact(restore)
     if resumed is None:
-        params = caer.init_params(model, config.model, init_rng)
-        # One program lays the state out on the mesh (op-by-op, the optimizer's init compiled
-        # a small program per parameter shape).
-        state = jax.jit(lambda p: state_lib.create(p, tx), out_shardings=state_shardings)(params)
+        state = setup.initial_state(config)
         history, nonfinite = [], 0
         data_start = 0
         train_iter = new_iterator(data_start)
@@ -262,16 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         logging.info("resumed from step %d in %s", resume_step, ckpts.directory)
     _log_param_groups(state.params, config.optim, workdir)
 
-    step_fn = jit_train_step(
-        model,
-        tx,
-        dropout_rng=dropout_rng,
-        streams=config.model.streams,
-        grad_accum_steps=config.train.grad_accum_steps,
-        state_shardings=state_shardings,
-        mesh=mesh,
-    )
-    eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
+    step_fn, eval_fn = setup.step_fn, setup.eval_fn
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
     preemption = PreemptionWatch()
 

@@ -25,7 +25,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.image_size = 224
     c.data.rotation_degrees = 4.0
     c.data.flip_prob = 0.5
-    c.data.worker_count = 2  # grain worker processes per host (0 = in the main process)
+    # grain worker processes per host: -1 = one per core the process may use (0 = decode in the
+    # main process). Several training processes on one host should split the cores between them.
+    c.data.worker_count = -1
     c.data.prefetch_buffer_size = 2  # host batches read ahead by grain
     # Global batches already on the devices when a step starts (and steps in flight): the host
     # prepares batch k + device_prefetch while the device runs step k.

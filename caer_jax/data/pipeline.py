@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -221,6 +222,17 @@ class _EvalElement:
         return self.loader.load(self.source[index], index, None)
 
 
+def worker_count(config: ml_collections.ConfigDict) -> int:
+    """grain worker processes of this host: config.data.worker_count, or with -1 one per core
+    this process may run on."""
+    count = config.data.worker_count
+    if count == -1:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if count < 0:
+        raise ValueError(f"config.data.worker_count={count}; expected -1 (one per core) or >= 0")
+    return count
+
+
 def _iterate(
     element_fn, positions: range, batch_size: int, config: ml_collections.ConfigDict
 ) -> grain.DatasetIterator:
@@ -232,14 +244,15 @@ def _iterate(
         .batch(batch_size, drop_remainder=True)
         .to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
     )
-    if config.data.worker_count > 0:
+    workers = worker_count(config)
+    if workers > 0:
         if not flags.FLAGS.is_parsed():
             # grain's worker start-up reads an absl flag directly; outside an absl app (tests,
             # notebooks) the flags are unparsed and that read fails. Defaults are what we want.
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(
             grain.MultiprocessingOptions(
-                num_workers=config.data.worker_count,
+                num_workers=workers,
                 per_worker_buffer_size=prefetch,
             )
         )
