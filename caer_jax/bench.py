@@ -125,6 +125,37 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, mesh) -> di
 _PARAMS: dict = {}
 
 
+def step_flops(config: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: int) -> float:
+    """FLOPs of one train step as XLA counts them for the host CPU (lowered, not compiled).
+
+    A GPU compilation's own count leaves out the cuBLAS GEMM calls (an H200 reported 135 GFLOP
+    for a step of 6.8 TFLOP), and a GPU lowering has no cost analysis; the computation is the
+    same on every backend.
+    """
+    from caer_jax import checkpoint, train
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1), sharding.MESH_AXES)
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
+    state = checkpoint.with_shardings(setup.abstract, setup.state_shardings)
+    clip = (batch_size, config.data.num_segments, config.data.image_size, config.data.image_size, 3)
+    shapes = {
+        "face": (clip, np.uint8),
+        "context": (clip, np.uint8),
+        "label": ((batch_size,), np.int32),
+        "mask": ((batch_size,), np.bool_),
+        "index": ((batch_size,), np.int32),
+    }
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+        for k, (shape, dtype) in shapes.items()
+    }
+    cost = setup.step_fn.lower(state, batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
 def _initial_params(setup, config: ml_collections.ConfigDict):
     """Random parameters, initialised once per geometry: they do not depend on the compute
     dtype or the batch, and the init program of a random ViT-B is slow to compile."""
@@ -163,13 +194,8 @@ def bench_model(
     setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
     state = setup.initial_state(config, _initial_params(setup, config))
     batch = random_batch(config, batch_size, mesh)
-    lowered = setup.step_fn.lower(state, batch)
-    compiled = lowered.compile()
-    # The FLOPs of the program before backend passes: the compiled program's own count leaves
-    # out the cuBLAS GEMM calls on GPU (an H200 reported 135 GFLOP for a step of 6.8 TFLOP).
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0))
+    compiled = setup.step_fn.lower(state, batch).compile()
+    flops = step_flops(config, batch_size, steps_per_epoch)
     holder = [state]  # the step donates its input state
 
     def step():
