@@ -25,9 +25,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 
-from caer_jax import optim, steps
+from caer_jax import cli, errors, optim, steps
 from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
@@ -191,7 +191,7 @@ def host_allocator() -> str:
 
 def run(argv=()) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.BadInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     reference = functools.partial(
         matmul_flops_per_second, n=_MATMUL_SIZE.value, repeats=_REPEATS.value
     )
@@ -252,7 +252,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,11 @@ def evaluate_checkpoint(
     ckpts = checkpoint.Checkpoints(workdir, read_only=True)
     resolved = ckpts.resolve_step(step)
     mesh = sharding.make_mesh(config.mesh)
-    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    model, _ = caer.build_model(
+        config.model,
+        prompt_token_ids=checkpoint.saved_prompt_token_ids(ckpts.read_meta(resolved)),
+        num_frames=config.data.num_segments,
+    )
     abstract = state_lib.abstract_params(model, config)
     target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
     params, meta = ckpts.restore_params(resolved, target, config=config)

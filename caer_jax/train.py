@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
@@ -75,7 +75,12 @@ def _iterator_layout(config: ml_collections.ConfigDict, start_step: int) -> dict
 
 
 def _meta(
-    config: ml_collections.ConfigDict, epoch: int, history: list, nonfinite: int, data_start: int
+    config: ml_collections.ConfigDict,
+    epoch: int,
+    history: list,
+    nonfinite: int,
+    data_start: int,
+    prompt: dict,
 ) -> dict:
     return {
         "epoch": epoch,
@@ -87,6 +92,7 @@ def _meta(
         "skipped_nonfinite_steps": nonfinite,
         "code_version": checkpoint.code_version(),
         "data_iterator": _iterator_layout(config, data_start),
+        "prompt": prompt,
     }
 
 
@@ -162,7 +168,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    # A resume takes the prompt token ids its checkpoint recorded: no tokenizer needed.
+    model, _ = caer.build_model(
+        config.model,
+        prompt_token_ids=ckpts.recorded_prompt_token_ids(),
+        num_frames=config.data.num_segments,
+    )
+    prompt = checkpoint.prompt_record(config.model, model.prompt_token_ids)
     steps_per_epoch = pipeline.steps_per_epoch(config)
     total_steps = steps_per_epoch * config.train.num_epochs
 
@@ -170,7 +183,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     abstract = state_lib.abstract_state(model, config, steps_per_epoch)
     state_shardings = sharding.tree_shardings(abstract, mesh)
     tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
     def new_iterator(start_step: int):
         return pipeline.train_iterator(
@@ -290,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 ckpts.save(
                     state,
                     config=config,
-                    meta=_meta(config, epoch, history, nonfinite, data_start),
+                    meta=_meta(config, epoch, history, nonfinite, data_start, prompt),
                     metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
                     data_iterator=train_iter,
                 )
@@ -322,7 +334,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":
