@@ -239,7 +239,14 @@ def convert_official(
     `model_cfg` (default: the paper's) supplies what shapes cannot tell (temporal heads, class
     token position, dropout, logit scale, dtype).
     """
-    return convert_state_dict(load_official_state_dict(path), model_cfg)
+    try:
+        return convert_state_dict(load_official_state_dict(path), model_cfg)
+    except WeightsError as e:
+        if os.fspath(path) in str(e):
+            raise
+        raise WeightsError(
+            f"{path}: cannot convert (is it the authors' model_best.pth?): {e}"
+        ) from e
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:

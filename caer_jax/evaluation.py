@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from caer_jax import checkpoint, metrics, sharding, steps
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline
+from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
 from caer_jax.prompts import CLASS_NAMES
 
@@ -86,6 +86,7 @@ def evaluate_checkpoint(
     workdir = Path(workdir)
     ckpts = checkpoint.Checkpoints(workdir, read_only=True)
     resolved = ckpts.resolve_step(step)
+    prepare.check_split(config, split)  # before the checkpoint is read
     mesh = sharding.make_mesh(config.mesh)
     model, _ = caer.build_model(
         config.model,

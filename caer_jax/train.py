@@ -164,18 +164,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     None when the run was preempted (it then saved a checkpoint to resume from)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    prepare.prepare_data(config)
-
-    mesh = sharding.make_mesh(config.mesh)
-    logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-    # A resume takes the prompt token ids its checkpoint recorded: no tokenizer needed.
+    # A resume takes the prompt token ids its checkpoint recorded: no tokenizer needed. (Before
+    # the data, so that a tokenizer mistake is reported at once.)
     model, _ = caer.build_model(
         config.model,
         prompt_token_ids=ckpts.recorded_prompt_token_ids(),
         num_frames=config.data.num_segments,
     )
     prompt = checkpoint.prompt_record(config.model, model.prompt_token_ids)
+    prepare.prepare_data(config)
+
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
     steps_per_epoch = pipeline.steps_per_epoch(config)
     total_steps = steps_per_epoch * config.train.num_epochs
 

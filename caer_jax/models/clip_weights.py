@@ -367,10 +367,10 @@ def load_torch_file(path: str | os.PathLike, *, inert_classes: bool = False) -> 
 
 
 def _corrupt(path: Path, error: Exception) -> WeightsError:
-    first = (str(error).strip().splitlines() or [""])[0][:200]
+    first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
     return WeightsError(
         f"{path}: truncated or corrupt torch checkpoint ({path.stat().st_size} bytes; "
-        f"{type(error).__name__}: {first}); download it again. Accepted: " + "; ".join(FORMATS)
+        f"{type(error).__name__}: {first}); download or copy it again"
     )
 
 
