@@ -164,7 +164,13 @@ class Checkpoints:
         if which == "latest":
             return self.manager.latest_step()
         if which == "best":
-            return self.manager.best_step()
+            best = self.manager.best_step()
+            if best is None:
+                raise errors.BadInputError(
+                    f"--step=best: no checkpoint in {self.directory} was evaluated (converted or "
+                    f"saved mid-epoch); use --step=latest or a step number ({list(steps)})"
+                )
+            return best
         try:
             step = int(which)
         except ValueError:

@@ -240,7 +240,9 @@ def test_predict_offline_and_a_video_without_frames(converted, tmp_path):
     root, settings, flags, _, _ = converted
     clip = Path(settings["data.synthetic.manual_dir"]) / "clips" / "0001"
     workdir = f"--workdir={root / 'run'}"
-    result = python("caer_jax.predict", *flags, workdir, "--json", str(clip), home=root)
+    result = python(
+        "caer_jax.predict", *flags, workdir, "--step=latest", "--json", str(clip), home=root
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 0
     garbage = tmp_path / "clip.mp4"
@@ -251,7 +253,8 @@ def test_predict_offline_and_a_video_without_frames(converted, tmp_path):
 
 def test_eval_of_a_split_that_does_not_exist(converted):
     root, _, flags, _, _ = converted
-    result = python("caer_jax.eval", *flags, f"--workdir={root / 'run'}", "--split=val", home=root)
+    workdir = f"--workdir={root / 'run'}"
+    result = python("caer_jax.eval", *flags, workdir, "--step=latest", "--split=val", home=root)
     assert_user_error(result, "split 'val' does not exist", "train, test")
 
 
@@ -262,8 +265,10 @@ def test_eval_of_a_damaged_checkpoint_names_it(converted, tmp_path):
     for path in (workdir / "checkpoints" / "0" / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-    result = python("caer_jax.eval", *flags, f"--workdir={workdir}", home=root)
+    result = python("caer_jax.eval", *flags, f"--workdir={workdir}", "--step=latest", home=root)
     assert_user_error(result, f"checkpoint {workdir / 'checkpoints' / '0'} cannot be read")
+    result = python("caer_jax.eval", *flags, f"--workdir={workdir}", "--step=best", home=root)
+    assert_user_error(result, "--step=best: no checkpoint", "was evaluated", "--step=latest")
 
 
 def test_resume_needs_no_tokenizer(converted, tmp_path, monkeypatch):
