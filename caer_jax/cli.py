@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging as py_logging
 import os
+import re
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -81,11 +82,27 @@ def _check_config_files(argv: Sequence[str]) -> None:
     # raises it from inside a field override), so it is checked here, before parsing.
     for name in _config_flags():
         value = _config_argument(argv, name)
-        if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+        if value is None:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
             raise errors.MissingInputError(
-                f"--{name}={value}: no such config file {value.split(':', 1)[0]!r} (relative to "
-                f"{os.getcwd()}); give a file of configs/, e.g. --{name}=configs/synthetic_tiny.py"
+                f"--{name}={value}: no such config file {path!r} (relative to {os.getcwd()}); "
+                f"give a file of configs/, e.g. --{name}=configs/synthetic_tiny.py"
             )
+        if not os.access(path, os.R_OK):
+            raise errors.BadInputError(f"--{name}={value}: cannot read {path!r} (permissions)")
+
+
+def _first_unknown(config: ml_collections.ConfigDict, path: str) -> tuple | None:
+    """(known leading names, the first unknown name, the fields beside it) of a dotted path."""
+    node, seen = config, []
+    for part in path.split("."):
+        if not (isinstance(node, ml_collections.ConfigDict) and part in node):
+            fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            return seen, part, fields
+        node, seen = node[part], [*seen, part]
+    return None
 
 
 def _unknown_config_field(argv: Sequence[str]) -> str | None:
@@ -96,26 +113,19 @@ def _unknown_config_field(argv: Sequence[str]) -> str | None:
             continue
         config = flags.FLAGS[name].parser.parse(value)
         for arg in argv:
-            for prefix in (f"--{name}.", f"--no{name}."):
-                if not arg.startswith(prefix):
-                    continue
-                path = arg[len(prefix) :].split("=", 1)[0]
-                node, seen = config, []
-                for part in path.split("."):
-                    if isinstance(node, ml_collections.ConfigDict) and part in node:
-                        node, seen = node[part], seen + [part]
-                        continue
-                    where = ".".join([name, *seen])
-                    fields = (
-                        list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                    )
-                    close = difflib.get_close_matches(part, fields, n=1)
-                    hint = (
-                        f"did you mean --{where}.{close[0]}?"
-                        if close
-                        else f"{where} has the fields {', '.join(sorted(fields)) or 'none'}"
-                    )
-                    return f"{arg.split('=', 1)[0]}: {where} has no field {part!r}; {hint}"
+            override = re.match(rf"--(?:no)?{name}\.([^=]+)", arg)
+            unknown = override and _first_unknown(config, override.group(1))
+            if not unknown:
+                continue
+            seen, part, fields = unknown
+            where = ".".join([name, *seen])
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = (
+                f"did you mean --{where}.{close[0]}?"
+                if close
+                else f"{where} has the fields {', '.join(sorted(fields)) or 'none'}"
+            )
+            return f"{arg.split('=', 1)[0]}: {where} has no field {part!r}; {hint}"
     return None
 
 
