@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from caer_jax import bench_end_to_end, compilation, profiling, sharding
+from caer_jax import bench_end_to_end, cli, compilation, errors, profiling, sharding
 from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
 
@@ -287,7 +287,7 @@ def host_allocator() -> str:
 
 def run(argv=()) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.BadInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     with tempfile.TemporaryDirectory(prefix="caer_bench_") as scratch:
         # A compilation cache of this run alone, empty at the start: the end-to-end cold start
         # is cold, and the step timed here is the same program as the training run's (a hit).
@@ -401,7 +401,7 @@ def report(results: dict) -> None:
 
 
 def main() -> None:
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

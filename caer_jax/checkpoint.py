@@ -1,7 +1,8 @@
 """Checkpoints through an orbax CheckpointManager: the last K steps and the best by UAR.
 
 A checkpoint holds the train state, the config it was trained with and a small metadata record
-(epoch, selection protocol, metrics). Restoring takes an abstract state whose leaves carry
+(epoch, selection protocol, metrics, and the prompts' class texts and token ids, so that a
+checkpoint is used without a tokenizer). Restoring takes an abstract state whose leaves carry
 shardings, so a checkpoint written on one mesh restores onto any other.
 """
 
@@ -16,11 +17,13 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
 import caer_jax
+from caer_jax import errors, prompts
 from caer_jax.state import TrainState
 
 SELECTION_METRIC = "uar"
@@ -48,8 +51,29 @@ def code_version() -> str:
     return f"{caer_jax.__version__}+git.{commit}"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.BadInputError):
     """The checkpoint was written under a config with other shapes or classes."""
+
+
+class DamagedCheckpointError(errors.BadInputError):
+    """A checkpoint step cannot be read back (truncated, corrupt, or not written by us)."""
+
+
+def prompt_record(model_cfg: ml_collections.ConfigDict, token_ids: Any) -> dict:
+    """What a checkpoint keeps of the prompts: the class texts and the token ids they gave, so
+    that evaluation, prediction and a resume rebuild the model without a tokenizer."""
+    return {
+        "text_type": model_cfg.prompt.text_type,
+        "class_texts": list(prompts.class_texts(model_cfg.prompt.text_type)),
+        "token_ids": np.asarray(token_ids).tolist(),
+    }
+
+
+def saved_prompt_token_ids(meta: dict) -> np.ndarray | None:
+    """The prompt token ids recorded in a checkpoint's metadata; None for checkpoints written
+    before they were recorded (the tokenizer then rebuilds them)."""
+    record = meta.get("prompt")
+    return None if record is None else np.asarray(record["token_ids"], np.int32)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -139,15 +163,29 @@ class Checkpoints:
         """'latest', 'best' or a step number -> a step that exists, or a clear error."""
         steps = self.manager.all_steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+            raise errors.MissingInputError(
+                f"no checkpoints in {self.directory}; train first (caer_jax.train) or convert "
+                "the authors' checkpoint into this workdir (caer_jax.convert)"
+            )
         if which == "latest":
             return self.manager.latest_step()
         if which == "best":
-            return self.manager.best_step()
-        step = int(which)
+            best = self.manager.best_step()
+            if best is None:
+                raise errors.BadInputError(
+                    f"--step=best: no checkpoint in {self.directory} was evaluated (converted or "
+                    f"saved mid-epoch); use --step=latest or a step number ({list(steps)})"
+                )
+            return best
+        try:
+            step = int(which)
+        except ValueError:
+            raise errors.BadInputError(
+                f"--step={which}: expected best, latest or a step number ({list(steps)})"
+            ) from None
         if step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; steps: {steps}"
+            raise errors.MissingInputError(
+                f"no checkpoint for step {step} in {self.directory}; steps: {list(steps)}"
             )
         return step
 
@@ -166,7 +204,7 @@ class Checkpoints:
         items = {"state": _restore_args(target), "meta": ocp.args.JsonRestore()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, **items)
         return restored.state, restored.meta
 
     def restore_params(
@@ -180,17 +218,37 @@ class Checkpoints:
             "state": _restore_args({"params": target}, partial_restore=True),
             "meta": ocp.args.JsonRestore(),
         }
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, **items)
         return restored.state["params"], restored.meta
+
+    def recorded_prompt_token_ids(self) -> np.ndarray | None:
+        """The prompt token ids of the newest checkpoint whose metadata reads; None when there
+        is none, or it was written before the ids were recorded."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return saved_prompt_token_ids(self.read_meta(step))
+            except DamagedCheckpointError:
+                continue  # restore_newest_intact reports it and sets it aside
+        return None
 
     def read_meta(self, step: int) -> dict:
         """The metadata record of `step` alone."""
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return self._read(step, meta=ocp.args.JsonRestore()).meta
+
+    def _read(self, step: int, **items: Any) -> Any:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001  (tensorstore/orbax raise many types)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise DamagedCheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be read (truncated or corrupt? "
+                f"{type(e).__name__}: {first}); choose another step with --step, or train again"
+            ) from e
 
     def _check_config(self, step: int, config: ml_collections.ConfigDict | None) -> None:
         if config is None:
             return
-        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        saved = self._read(step, config=ocp.args.JsonRestore())
         check_compatible(saved.config, config, self.directory / str(step))
 
     def restore_newest_intact(self, restore_fn: Callable[[int], Any]) -> tuple[int, Any] | None:
@@ -213,8 +271,9 @@ class Checkpoints:
                 )
                 self._set_aside(step)
         if steps:
-            raise RuntimeError(
-                f"none of the checkpoints {steps} in {self.directory} can be restored"
+            raise DamagedCheckpointError(
+                f"none of the checkpoints {steps} in {self.directory} can be restored (each is "
+                "now set aside as <step>.damaged); use another workdir to start afresh"
             )
         return None
 

@@ -1,13 +1,24 @@
-"""What every command-line entry point does first: argument checks, log hygiene, the persistent
-compilation cache, and joining a multi-process job."""
+"""What every command-line entry point does: flags parsed with the error style of
+`caer_jax.errors` (one `error:` line, exit status 2, for any mistake of the user's), argument
+checks, log hygiene, the persistent compilation cache, and joining a multi-process job.
+
+    def run(argv): cli.start(argv, config=_CONFIG.value, workdir=_WORKDIR.value); ...
+    def main(): cli.main(run)
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging as py_logging
+import os
+import re
+from collections.abc import Callable, Sequence
 
+import ml_collections
 from absl import app, flags, logging
+from ml_collections.config_flags.config_flags import is_config_flag
 
-from caer_jax import compilation, distributed
+from caer_jax import compilation, distributed, errors
 
 # Libraries whose INFO lines (orbax logs every handler registration) drown the training log.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
@@ -36,10 +47,112 @@ def start(argv, **required_flags) -> None:
     """Refuses stray arguments and missing required flags (given as name=value), quiets library
     logs and initialises jax.distributed when the environment describes several processes."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.BadInputError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
     missing = [f"--{name}" for name, value in required_flags.items() if value is None]
     if missing:
-        raise app.UsageError(f"{' and '.join(missing)} required")
+        raise errors.BadInputError(f"{' and '.join(missing)} required")
     quiet_library_logs()
     distributed.initialize()
     compilation.enable_persistent_cache(_COMPILATION_CACHE.value)
+
+
+def main(run: Callable[[list[str]], object]) -> None:
+    """`app.run(run)` in the error style of caer_jax.errors: a flag or config mistake, or a
+    UserError raised by `run`, prints one `error:` line and exits with status 2."""
+
+    def guarded(argv: list[str]) -> object:
+        with errors.reported():
+            return run(argv)
+
+    app.run(guarded, flags_parser=parse_flags)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def _config_flags() -> list[str]:
+    return [name for name in flags.FLAGS if is_config_flag(flags.FLAGS[name])]
+
+
+def _config_argument(argv: Sequence[str], name: str) -> str | None:
+    """The value given to --name (as --name=VALUE or --name VALUE), if any."""
+    for i, arg in enumerate(argv):
+        for prefix in (f"--{name}", f"-{name}"):
+            if arg.startswith(prefix + "="):
+                return arg[len(prefix) + 1 :]
+            if arg == prefix and i + 1 < len(argv):
+                return argv[i + 1]
+    return None
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+    # ml_collections defers a missing config file's error to the first use of the config (and
+    # raises it from inside a field override), so it is checked here, before parsing.
+    for name in _config_flags():
+        value = _config_argument(argv, name)
+        if value is None:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            raise errors.MissingInputError(
+                f"--{name}={value}: no such config file {path!r} (relative to {os.getcwd()}); "
+                f"give a file of configs/, e.g. --{name}=configs/synthetic_tiny.py"
+            )
+        if not os.access(path, os.R_OK):
+            raise errors.BadInputError(f"--{name}={value}: cannot read {path!r} (permissions)")
+
+
+def _first_unknown(config: ml_collections.ConfigDict, path: str) -> tuple | None:
+    """(known leading names, the first unknown name, the fields beside it) of a dotted path."""
+    node, seen = config, []
+    for part in path.split("."):
+        if not (isinstance(node, ml_collections.ConfigDict) and part in node):
+            fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            return seen, part, fields
+        node, seen = node[part], [*seen, part]
+    return None
+
+
+def _unknown_config_field(argv: Sequence[str]) -> str | None:
+    """The message for the first `--config.a.b=...` that names no field of the config, if any."""
+    for name in _config_flags():
+        value = _config_argument(argv, name)
+        if value is None:
+            continue
+        config = flags.FLAGS[name].parser.parse(value)
+        for arg in argv:
+            override = re.match(rf"--(?:no)?{name}\.([^=]+)", arg)
+            unknown = override and _first_unknown(config, override.group(1))
+            if not unknown:
+                continue
+            seen, part, fields = unknown
+            where = ".".join([name, *seen])
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = (
+                f"did you mean --{where}.{close[0]}?"
+                if close
+                else f"{where} has the fields {', '.join(sorted(fields)) or 'none'}"
+            )
+            return f"{arg.split('=', 1)[0]}: {where} has no field {part!r}; {hint}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (app.run's flags_parser) with user mistakes as one `error:` line."""
+    with errors.reported():
+        _check_config_files(argv)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        # A bad value, an unknown flag, or an error raised inside the config file (whose
+        # message ml_collections fills with the traceback: its first and last lines say it).
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
+        errors.fail(f"{message} (--helpfull lists the flags)")
+    except (AttributeError, KeyError):
+        # ml_collections raises these from inside the parser for an override of an unknown
+        # field; anything else is not a mistake of the user's and keeps its traceback.
+        unknown = _unknown_config_field(argv)
+        if unknown is None:
+            raise
+        errors.fail(unknown)

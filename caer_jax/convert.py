@@ -13,8 +13,10 @@ else OpenAI's rule width // 64; temporal nets: the config's), the class-token po
 
 The written checkpoint is a step-0 train state (params + fresh optimizer state) in workdir's
 orbax CheckpointManager: `python -m caer_jax.eval --step=latest` evaluates it and
-`python -m caer_jax.train` resumes from it. Both rebuild the prompts from the config's text type
-and tokenizer, so the CLI checks that they reproduce the checkpoint's prompt token ids.
+`python -m caer_jax.train` resumes from it. Its metadata records the prompt token ids, which eval,
+predict and train take from there: none of them needs a tokenizer or a network. Where the
+config's tokenizer can be loaded, the CLI checks that the config's text type gives the same ids
+(so that the class texts recorded beside them are the right ones).
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from caer_jax import label_sets
+from caer_jax import errors, label_sets
 from caer_jax.models import caer, clip_weights
 from caer_jax.models.clip_weights import WeightsError, _np
 
@@ -237,7 +239,14 @@ def convert_official(
     `model_cfg` (default: the paper's) supplies what shapes cannot tell (temporal heads, class
     token position, dropout, logit scale, dtype).
     """
-    return convert_state_dict(load_official_state_dict(path), model_cfg)
+    try:
+        return convert_state_dict(load_official_state_dict(path), model_cfg)
+    except WeightsError as e:
+        if os.fspath(path) in str(e):
+            raise
+        raise WeightsError(
+            f"{path}: cannot convert (is it the authors' model_best.pth?): {e}"
+        ) from e
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
@@ -250,18 +259,26 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
         node[leaf] = value
 
 
-def check_prompts_reproducible(model: caer.CLIPCAER, config: ml_collections.ConfigDict) -> None:
-    """Train/eval tokenise config.model.prompt texts again: they must give the checkpoint's ids."""
+class WorkdirNotEmptyError(errors.UserError, FileExistsError):
+    """The workdir to convert into already holds checkpoints."""
+
+
+def check_prompts_reproducible(model: caer.CLIPCAER, config: ml_collections.ConfigDict) -> bool:
+    """The config's prompt texts, tokenised, must give the checkpoint's ids (else the class texts
+    recorded with them would be wrong). Returns False, after a warning, when the tokenizer cannot
+    be loaded (e.g. a hub id without a network): the ids do not need it."""
     from caer_jax.models import tokenizer as tokenizer_lib
 
     try:
         tok = tokenizer_lib.load_tokenizer(config.model.clip)
-    except Exception as e:  # noqa: BLE001 - report why, whatever the loader raised
-        raise WeightsError(
-            f"cannot load the tokenizer of config.model.clip.source={config.model.clip.source!r} "
-            f"({type(e).__name__}: {e}); train/eval need it to rebuild the checkpoint's prompts "
-            "(point the source at a Hugging Face CLIP folder holding vocab.json and merges.txt)"
-        ) from e
+    except errors.UserError as e:
+        logging.warning(
+            "prompt texts not checked against the checkpoint's token ids (%s); the recorded class "
+            "texts are those of config.model.prompt.text_type=%r",
+            e,
+            config.model.prompt.text_type,
+        )
+        return False
     ids = tokenizer_lib.tokenize(
         tok, caer.prompt_texts(config.model), config.model.clip.context_length
     )
@@ -277,6 +294,7 @@ def check_prompts_reproducible(model: caer.CLIPCAER, config: ml_collections.Conf
                 f"{mine[: int(mine.argmax()) + 1].tolist()}, the checkpoint has "
                 f"{theirs[: int(theirs.argmax()) + 1].tolist()}"
             )
+    return True
 
 
 def write_checkpoint(
@@ -291,7 +309,7 @@ def write_checkpoint(
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
     try:
         if ckpts.manager.latest_step() is not None:
-            raise FileExistsError(
+            raise WorkdirNotEmptyError(
                 f"{ckpts.directory} already holds checkpoints (steps {ckpts.manager.all_steps()}); "
                 "convert into an empty workdir"
             )
@@ -320,6 +338,8 @@ def main_convert(
         old = node[key.split(".")[-1]]
         if old != value:
             changed[key] = (old, value)
+    from caer_jax import checkpoint
+
     apply_overrides(config, overrides)
     check_prompts_reproducible(model, config)
     meta = {
@@ -331,28 +351,25 @@ def main_convert(
         "skipped_nonfinite_steps": 0,
         "converted_from": os.fspath(official),
         "class_names": list(label_sets.load(config.model.label_set).class_names),
+        "prompt": checkpoint.prompt_record(config.model, model.prompt_token_ids),
     }
     write_checkpoint(params, config, workdir, meta)
     return changed
 
 
 def _cli() -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from caer_jax import cli
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
     official = flags.DEFINE_string("official", None, "The authors' model_best.pth.")
     workdir = flags.DEFINE_string("workdir", None, "Empty workdir for the orbax checkpoint.")
 
     def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        if not (official.value and workdir.value and config_flag.value):
-            raise app.UsageError("--official, --config and --workdir are required")
-        try:
-            changed = main_convert(official.value, config_flag.value, workdir.value)
-        except (WeightsError, FileExistsError, FileNotFoundError) as e:
-            sys.exit(f"convert: {e}")
+        cli.start(argv, official=official.value, config=config_flag.value, workdir=workdir.value)
+        changed = main_convert(official.value, config_flag.value, workdir.value)
         print(f"wrote step 0 to {workdir.value}/checkpoints")
         if changed:
             print("the checkpoint differs from the config; pass these to train/eval:")
@@ -361,7 +378,7 @@ def _cli() -> None:
             f"evaluate: python -m caer_jax.eval --config=... --workdir={workdir.value} --step=latest"
         )
 
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ predictions.csv into the workdir (with a `_<split>` suffix for splits other than
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from caer_jax import cli, evaluation
@@ -33,7 +33,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

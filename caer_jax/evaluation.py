@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from caer_jax import checkpoint, label_sets, metrics, sharding, steps
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline, prefetch
+from caer_jax.data import pipeline, prefetch, prepare
 from caer_jax.models import caer
 
 
@@ -95,8 +95,13 @@ def evaluate_checkpoint(
     workdir = Path(workdir)
     ckpts = checkpoint.Checkpoints(workdir, read_only=True)
     resolved = ckpts.resolve_step(step)
+    prepare.check_split(config, split)  # before the checkpoint is read
     mesh = sharding.make_mesh(config.mesh)
-    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    model, _ = caer.build_model(
+        config.model,
+        prompt_token_ids=checkpoint.saved_prompt_token_ids(ckpts.read_meta(resolved)),
+        num_frames=config.data.num_segments,
+    )
     abstract = state_lib.abstract_params(model, config)
     target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
     params, meta = ckpts.restore_params(resolved, target, config=config)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ import cv2
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 from PIL import Image
 
-from caer_jax import checkpoint, cli, label_sets
+from caer_jax import checkpoint, cli, errors, label_sets
 from caer_jax import state as state_lib
 from caer_jax.data import augment, sampling
 from caer_jax.models import caer
@@ -39,7 +38,7 @@ DETECT_MIN_NEIGHBORS = 5
 DETECT_MIN_SIZE = (30, 30)
 
 
-class PredictInputError(ValueError):
+class PredictInputError(errors.BadInputError):
     """PATH cannot be read as a clip; the message names the path."""
 
 
@@ -160,7 +159,9 @@ def prepare_clip(
 def _require_checkpoints(workdir: str | Path) -> None:
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir() or not any(directory.iterdir()):
-        raise FileNotFoundError(f"no checkpoints in {directory}")
+        raise errors.MissingInputError(
+            f"no checkpoints in {directory}; train first, or give --workdir of a trained run"
+        )
 
 
 def restore_params(
@@ -171,7 +172,11 @@ def restore_params(
     ckpts = checkpoint.Checkpoints(workdir, read_only=True)
     try:
         resolved = ckpts.resolve_step(step)
-        model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+        model, _ = caer.build_model(
+            config.model,
+            prompt_token_ids=checkpoint.saved_prompt_token_ids(ckpts.read_meta(resolved)),
+            num_frames=config.data.num_segments,
+        )
         abstract = state_lib.abstract_params(model, config)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = checkpoint.with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
@@ -266,20 +271,16 @@ def _define_flags() -> None:
 
 def run(argv=()) -> None:
     if len(argv) != 2:
-        raise app.UsageError("expected exactly one PATH (a video file or a folder of frames)")
+        raise errors.BadInputError("expected exactly one PATH (a video file or a folder of frames)")
     config, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
     cli.start(argv[:1], config=config, workdir=workdir)
-    try:
-        result = predict_clip(config, workdir, argv[1], step=_FLAGS["step"].value)
-    except (FileNotFoundError, PredictInputError, checkpoint.IncompatibleCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    result = predict_clip(config, workdir, argv[1], step=_FLAGS["step"].value)
     print(json.dumps(result) if _FLAGS["json"].value else format_result(result))
 
 
 def main() -> None:
     _define_flags()
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
@@ -88,7 +88,12 @@ def _iterator_layout(config: ml_collections.ConfigDict, start_step: int) -> dict
 
 
 def _meta(
-    config: ml_collections.ConfigDict, epoch: int, history: list, nonfinite: int, data_start: int
+    config: ml_collections.ConfigDict,
+    epoch: int,
+    history: list,
+    nonfinite: int,
+    data_start: int,
+    prompt: dict,
 ) -> dict:
     return {
         "epoch": epoch,
@@ -101,6 +106,7 @@ def _meta(
         "code_version": checkpoint.code_version(),
         "data_iterator": _iterator_layout(config, data_start),
         "class_names": list(label_sets.load(config.model.label_set).class_names),
+        "prompt": prompt,
     }
 
 
@@ -243,17 +249,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     None when the run was preempted (it then saved a checkpoint to resume from)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    # A resume takes the prompt token ids its checkpoint recorded: no tokenizer needed. (Before
+    # the data, so that a tokenizer mistake is reported at once.)
+    model, _ = caer.build_model(
+        config.model,
+        prompt_token_ids=ckpts.recorded_prompt_token_ids(),
+        num_frames=config.data.num_segments,
+    )
+    prompt = checkpoint.prompt_record(config.model, model.prompt_token_ids)
     prepare.prepare_data(config)
 
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     steps_per_epoch = pipeline.steps_per_epoch(config)
     total_steps = steps_per_epoch * config.train.num_epochs
 
     setup = TrainingSetup.create(config, model, mesh, steps_per_epoch)
     abstract, state_shardings = setup.abstract, setup.state_shardings
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
     def new_iterator(start_step: int) -> prefetch.DevicePrefetch:
         host_iterator = pipeline.train_iterator(
@@ -370,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     ckpts.save(
                         state,
                         config=config,
-                        meta=_meta(config, epoch, history, nonfinite, data_start),
+                        meta=_meta(config, epoch, history, nonfinite, data_start, prompt),
                         metrics=None if eval_metrics is None else {"uar": eval_metrics["uar"]},
                         data_iterator=train_iter,
                     )
@@ -406,7 +419,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import torch
 from flax import serialization
 from transformers import CLIPModel
 
-from caer_jax.models import caer, clip_weights
+from caer_jax import errors
+from caer_jax.models import caer, clip_weights, hub
 from caer_jax.models import clip as clip_lib
 from caer_jax.models import tokenizer as tokenizer_lib
 from configs import synthetic_tiny
@@ -319,7 +320,7 @@ def test_unknown_format_lists_accepted(tmp_path):
     with pytest.raises(clip_weights.WeightsError, match="accepted.*safetensors.*msgpack.*OpenAI"):
         clip_weights.load_clip_weights(f)
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(clip_weights.WeightsError, match="not a readable torch checkpoint"):
+    with pytest.raises(clip_weights.WeightsError, match="empty.pth: truncated or corrupt"):
         clip_weights.load_clip_weights(tmp_path / "empty.pth")
     torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(clip_weights.WeightsError, match="not a CLIP state dict"):
@@ -337,12 +338,15 @@ def test_hf_parity_b32_widths_two_layers(tmp_path):
     print("B/32-width parity max|d|/max|ref| (image, text, logits):", rel)
 
 
-def test_hub_id_without_network_says_what_to_do(monkeypatch):
-    import huggingface_hub
+def test_hub_id_without_network_says_what_to_do(monkeypatch, tmp_path):
+    from huggingface_hub import constants
 
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(clip_weights.WeightsError, match="without a network, pass a local folder"):
-        clip_weights.load_clip_weights("openai/clip-vit-base-patch32")
+    # An endpoint nothing listens on stands for a machine without network; an empty cache.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    hub.hub_reachable.cache_clear()
+    try:
+        with pytest.raises(errors.MissingInputError, match="not in the local cache .* cannot be"):
+            clip_weights.load_clip_weights("openai/clip-vit-base-patch32")
+    finally:
+        hub.hub_reachable.cache_clear()

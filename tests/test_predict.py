@@ -192,5 +192,7 @@ def test_cli_json_line_and_clear_error(trained, tmp_path):
 
     missing = tmp_path / "nothing_here"
     result = _cli(workdir, missing, tmp_path)
-    assert result.returncode == 1
-    assert f"error: {missing}: no such video file or frame folder" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {missing}: no such video file or frame folder"
+    )

@@ -1,6 +1,7 @@
 """The synthetic RAER-layout generator: layout, determinism, label rules, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +162,18 @@ def test_distraction_phone_outside_face_crop_inside_context(tmp_path):
         (["--clips", "20", "--seed", "-1"], "--seed must be"),
     ],
 )
-def test_bad_arguments(tmp_path, argv, message):
-    with pytest.raises(SystemExit, match=message):
-        synthetic.main(["--out", str(tmp_path / "x"), *argv])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    refused(capsys, ["--out", str(tmp_path / "x"), *argv], message)
     assert not (tmp_path / "x").exists()
+
+
+def refused(capsys, argv, message):
+    """The CLI ends with exit status 2 and one `error:` line holding `message`."""
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
 
 
 def test_out_dir_checks(tmp_path, capsys):
@@ -172,13 +181,11 @@ def test_out_dir_checks(tmp_path, capsys):
     out.mkdir()
     (out / "notes.md").write_text("mine")
     argv = ["--out", str(out), "--clips", "10", "--min-frames", "1", "--max-frames", "1"]
-    with pytest.raises(SystemExit, match="is not empty; pass --overwrite"):
-        synthetic.main(argv)
-    with pytest.raises(SystemExit, match="--overwrite refused.*notes.md"):
-        synthetic.main([*argv, "--overwrite"])
+    refused(capsys, argv, "is not empty; pass --overwrite")
+    refused(capsys, [*argv, "--overwrite"], "--overwrite refused.*notes.md")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="exists and is not a directory"):
-        synthetic.main(["--out", str(tmp_path / "file"), "--clips", "10"])
+    refused(capsys, ["--out", str(tmp_path / "file"), "--clips", "10"], "exists and is not a dir")
+    refused(capsys, ["--out", str(tmp_path / "y"), "--clips", "ten"], "--clips: invalid int")
     (out / "notes.md").unlink()
     synthetic.main(argv)
     printed = json.loads(capsys.readouterr().out)

@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from caer_jax import sharding
-from caer_jax.data import augment, sampling
+from caer_jax import errors, sharding
+from caer_jax.data import augment, prepare, sampling
 from tfds_raer.raer import SkipFrameDecoding  # also registers the "raer" builder
 
 STREAMS = ("face", "context")
@@ -45,13 +45,17 @@ _SHUFFLE_KEY, _CLIP_KEY = 0, 1
 
 def data_source(config: ml_collections.ConfigDict, split: str):
     """The random-access records of `split`; face and context stay per-frame encoded bytes."""
-    return tfds.data_source(
-        config.data.tfds_name,
-        split=split,
-        data_dir=config.data.data_dir or None,
-        download=False,
-        decoders={stream: SkipFrameDecoding() for stream in STREAMS},
-    )
+    try:
+        return tfds.data_source(
+            config.data.tfds_name,
+            split=split,
+            data_dir=config.data.data_dir or None,
+            download=False,
+            decoders={stream: SkipFrameDecoding() for stream in STREAMS},
+        )
+    except (KeyError, ValueError):
+        prepare.check_split(config, split)  # a dataset not built, or no such split: say which
+        raise
 
 
 def num_records(config: ml_collections.ConfigDict, split: str) -> int:
@@ -75,7 +79,7 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     n = num_records(config, config.data.train_split)
     steps = n // config.train.batch_size
     if steps == 0:
-        raise ValueError(
+        raise errors.BadInputError(
             f"train split {config.data.train_split!r} of {config.data.tfds_name} has {n} clips, "
             f"fewer than one batch (config.train.batch_size={config.train.batch_size})"
         )
@@ -88,7 +92,7 @@ def _text(value: Any) -> str:
 
 def _local_batch_size(global_batch_size: int, process_count: int, field: str) -> int:
     if global_batch_size % process_count:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.train.{field}={global_batch_size} is not divisible by the "
             f"{process_count} processes"
         )

@@ -19,7 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import tfds_raer  # noqa: F401  (registers the "raer" builder)
-from caer_jax import label_sets
+from caer_jax import errors, label_sets
 from caer_jax.data import synthetic
 
 
@@ -37,7 +37,7 @@ def _check_clip_count(found: int, config: ml_collections.ConfigDict, where: str)
     # A folder left by a run with another num_clips would otherwise be reused silently.
     wanted = config.data.synthetic.num_clips
     if found != wanted:
-        raise ValueError(
+        raise errors.BadInputError(
             f"{where} holds {found} synthetic clips but config.data.synthetic.num_clips is "
             f"{wanted}: delete it, or point config.data.synthetic.manual_dir and "
             f"config.data.data_dir elsewhere"
@@ -61,6 +61,32 @@ def _check_classes(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def not_built_error(config: ml_collections.ConfigDict) -> errors.MissingInputError:
+    """The error for a config whose TFDS dataset is not built, with the command that builds it."""
+    return errors.MissingInputError(
+        f"TFDS dataset {config.data.tfds_name!r} is not built in "
+        f"{config.data.data_dir or '~/tensorflow_datasets'}; build it first: "
+        f"tfds build tfds_raer/raer --manual_dir=/path/to/RAER "
+        f"--config={config.data.tfds_name.split('/')[-1]} --data_dir={config.data.data_dir or '...'}"
+    )
+
+
+def check_split(config: ml_collections.ConfigDict, split: str) -> None:
+    """Raises a UserError when the dataset is not built or has no split `split` (which may be a
+    TFDS split expression such as "train[:10%]+test")."""
+    builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
+    if not builder.is_prepared():
+        raise not_built_error(config)
+    known = list(builder.info.splits)
+    for part in split.split("+"):
+        name = part.split("[", 1)[0].strip()
+        if name not in known:
+            raise errors.BadInputError(
+                f"split {name!r} does not exist in {config.data.tfds_name} ({builder.data_dir}); "
+                f"its splits: {', '.join(known)} (choose with --split, or config.data.*_split)"
+            )
+
+
 def prepare_data(config: ml_collections.ConfigDict) -> None:
     """Generates and builds the synthetic dataset when the config asks for it and it is missing;
     checks that the dataset has the classes of config.model.label_set."""
@@ -71,12 +97,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
 
 def _build(config: ml_collections.ConfigDict) -> None:
     if not config.data.synthetic.enabled:
-        raise FileNotFoundError(
-            f"TFDS dataset {config.data.tfds_name!r} is not built in "
-            f"{config.data.data_dir or '~/tensorflow_datasets'}; build it first: "
-            f"tfds build tfds_raer/raer --manual_dir=/path/to/RAER "
-            f"--config={config.data.tfds_name.split('/')[-1]} --data_dir={config.data.data_dir or '...'}"
-        )
+        raise not_built_error(config)
     if jax.process_index() == 0:
         manual_dir = Path(config.data.synthetic.manual_dir)
         if not (manual_dir / "train.txt").exists():

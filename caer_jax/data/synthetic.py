@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from caer_jax import errors
 from caer_jax.prompts import CLASS_NAMES
 
 NEUTRALITY, ENJOYMENT, CONFUSION, FATIGUE, DISTRACTION = range(5)
@@ -510,8 +511,8 @@ def _render_clip(job: tuple) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- public API
 
 
-class SyntheticDataError(ValueError):
-    """Bad arguments to the generator (the CLI prints the message and exits)."""
+class SyntheticDataError(errors.BadInputError):
+    """Bad arguments to the generator (the CLI prints the message as its `error:` line)."""
 
 
 def _check_args(
@@ -586,7 +587,7 @@ def generate(
 ) -> dict[str, Any]:
     """Writes `num_clips` synthetic clips in the RAER layout to `out_dir`; returns a summary.
 
-    Raises SyntheticDataError (a ValueError) on bad arguments (the CLI turns it into a SystemExit message).
+    Raises SyntheticDataError (a ValueError) on bad arguments (the CLI prints it as one line).
     `workers` processes draw clips in parallel (default: all cores, at most 8; 0 or 1 = in
     process); the result does not depend on it.
     """
@@ -685,8 +686,20 @@ def generate(
     }
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse prints the usage and its own line; one `error:` line like every entry point.
+        raise SyntheticDataError(f"{message} (--help lists the arguments)")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(
+    """The command line; a bad argument prints one `error:` line and exits with status 2."""
+    with errors.reported():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> dict[str, Any]:
+    p = _ArgumentParser(
         prog="python -m caer_jax.data.synthetic", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, help="output folder (the builder's manual_dir)")
@@ -707,24 +720,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--workers", type=int, default=None, help="processes (default: cores, <= 8)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous synthetic dataset")
     args = p.parse_args(argv)
-    try:
-        summary = generate(
-            args.out,
-            args.clips,
-            args.seed,
-            label_noise=args.label_noise,
-            test_fraction=args.test_fraction,
-            width=args.width,
-            height=args.height,
-            min_frames=args.min_frames,
-            max_frames=args.max_frames,
-            overwrite=args.overwrite,
-            workers=args.workers,
-            jpeg_quality=args.jpeg_quality,
-            num_classes=args.classes,
-        )
-    except SyntheticDataError as e:
-        raise SystemExit(f"caer_jax.data.synthetic: error: {e}") from None
+    summary = generate(
+        args.out,
+        args.clips,
+        args.seed,
+        label_noise=args.label_noise,
+        test_fraction=args.test_fraction,
+        width=args.width,
+        height=args.height,
+        min_frames=args.min_frames,
+        max_frames=args.max_frames,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        jpeg_quality=args.jpeg_quality,
+        num_classes=args.classes,
+    )
     brief = {k: v for k, v in summary.items() if k != "noisy_labels"}
     print(json.dumps(brief, indent=1), file=sys.stdout)
     return summary

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from caer_jax import errors
+from caer_jax.models import hub
 from caer_jax.models.clip import CLIPGeometry
 
 FORMATS = (
@@ -36,7 +38,7 @@ FORMATS = (
 _IGNORED = re.compile(r"(.*position_ids|logit_scale|input_resolution|context_length|vocab_size)$")
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.BadInputError):
     """A checkpoint does not fit the model: names the key, and both shapes where they differ."""
 
 
@@ -341,6 +343,8 @@ def load_torch_file(path: str | os.PathLike, *, inert_classes: bool = False) -> 
     import torch
 
     path = Path(path)
+    if not path.is_file():
+        raise errors.MissingInputError(f"{path}: no such file; check the path")
     stubs = _inert_globals(path) if inert_classes and zipfile.is_zipfile(path) else []
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(stubs):
@@ -348,18 +352,26 @@ def load_torch_file(path: str | os.PathLike, *, inert_classes: bool = False) -> 
             return torch.load(path, map_location="cpu", weights_only=True)
     except RuntimeError as e:
         if "TorchScript" not in str(e):
-            raise
+            raise _corrupt(path, e) from e
         return torch.jit.load(str(path), map_location="cpu").state_dict()
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not an object refused by name: bytes that are no pickle
+            raise _corrupt(path, e) from e
         raise WeightsError(
             f"{path}: refused to load: it holds objects other than tensors and plain containers "
             f"(torch.load weights_only=True): {str(e).splitlines()[0]}"
         ) from e
-    except (EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise WeightsError(
-            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}); accepted: "
-            + "; ".join(FORMATS)
-        ) from e
+    except (EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        # torch reports a partial download as any of these (OSError: Errno 22 on a seek).
+        raise _corrupt(path, e) from e
+
+
+def _corrupt(path: Path, error: Exception) -> WeightsError:
+    first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
+    return WeightsError(
+        f"{path}: truncated or corrupt torch checkpoint ({path.stat().st_size} bytes; "
+        f"{type(error).__name__}: {first}); download or copy it again"
+    )
 
 
 def _hf_heads(config_path: Path) -> tuple[tuple[int, int], Any]:
@@ -434,8 +446,12 @@ def load_clip_weights(source: str | os.PathLike) -> tuple[dict, CLIPGeometry]:
                 "vision_model.embeddings.patch_embedding.weight); accepted formats: "
                 + "; ".join(FORMATS)
             )
-    elif not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+    elif hub.is_hub_id(str(source)):
         return _load_hf_folder(_download(str(source)))
+    else:
+        raise errors.MissingInputError(
+            f"CLIP weights {str(source)!r}: no such file or folder; accepted: " + "; ".join(FORMATS)
+        )
     raise WeightsError(
         f"cannot read CLIP weights from {str(source)!r}; accepted: " + "; ".join(FORMATS)
     )
@@ -452,10 +468,19 @@ def _download(repo_id: str) -> Path:
         "tokenizer*.json",
         "special_tokens_map.json",
     ]
+    local = hub.local_files_only(repo_id, "config.json", "config.model.clip.source")
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=common + ["model.safetensors"]))
+        folder = Path(
+            snapshot_download(
+                repo_id, allow_patterns=common + ["model.safetensors"], local_files_only=local
+            )
+        )
         if not (folder / "model.safetensors").exists():
-            folder = Path(snapshot_download(repo_id, allow_patterns=common + ["pytorch_model.bin"]))
+            folder = Path(
+                snapshot_download(
+                    repo_id, allow_patterns=common + ["pytorch_model.bin"], local_files_only=local
+                )
+            )
         return folder
     except Exception as e:  # noqa: BLE001 - any hub failure gets the same explanation
         raise WeightsError(

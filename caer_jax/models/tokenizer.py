@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import regex
 
-from caer_jax import prompts
+from caer_jax import errors, prompts
+from caer_jax.models import hub
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -129,14 +130,15 @@ def offline_tokenizer(folder: str | os.PathLike | None = None) -> Any:
 def load_tokenizer(clip_cfg: Any) -> Any:
     """The tokenizer of config.model.clip: offline for source "random", else the source's own.
 
-    A Hugging Face folder or hub id holds its tokenizer files. A weights file (OpenAI .pt/.pth,
-    flax_model.msgpack) is used with vocab.json/merges.txt from its own folder.
+    A Hugging Face folder or hub id holds its tokenizer files (a hub id without a network: the
+    local cache, see hub.py). A weights file (OpenAI .pt/.pth, flax_model.msgpack) is used with
+    vocab.json/merges.txt from its own folder.
     """
     source = clip_cfg.source
     if source == "random":
         tok = offline_tokenizer()
         if len(tok) > clip_cfg.vocab_size:
-            raise ValueError(
+            raise errors.BadInputError(
                 f"the offline tokenizer has {len(tok)} tokens but config.model.clip.vocab_size is "
                 f"{clip_cfg.vocab_size}; raise config.model.clip.vocab_size to at least {len(tok)}"
             )
@@ -147,18 +149,26 @@ def load_tokenizer(clip_cfg: Any) -> Any:
     if path.is_file():
         folder = path.parent
         if not ((folder / "vocab.json").exists() and (folder / "merges.txt").exists()):
-            raise FileNotFoundError(
+            raise errors.MissingInputError(
                 f"config.model.clip.source={source!r} is a weights file; its tokenizer is read from "
                 f"vocab.json and merges.txt in {folder}, which are missing (copy them from "
                 "a Hugging Face CLIP folder, e.g. openai/clip-vit-base-patch32)"
             )
         tok = CLIPTokenizer.from_pretrained(str(folder))
-    else:
+    elif path.is_dir():
         tok = CLIPTokenizer.from_pretrained(source)
+    elif hub.is_hub_id(source):
+        local = hub.local_files_only(source, "vocab.json", "config.model.clip.source")
+        tok = CLIPTokenizer.from_pretrained(source, local_files_only=local)
+    else:
+        raise errors.MissingInputError(
+            f"config.model.clip.source={source!r}: no such file or folder (give a Hugging Face "
+            'CLIP folder, a hub id such as "openai/clip-vit-base-patch32", or "random")'
+        )
     # transformers builds a tokenizer of the special tokens alone when it finds no vocabulary (an
     # empty folder, or a hub id without network); it would turn every prompt into unknown bytes.
     if len(tok) <= len(tok.all_special_tokens):
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"config.model.clip.source={source!r}: no CLIP vocabulary found (vocab.json and "
             "merges.txt); a hub id needs the network, or download its folder and give that path"
         )

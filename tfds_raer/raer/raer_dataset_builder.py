@@ -31,10 +31,16 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import app
 from etils import epath
 
-from caer_jax import label_sets
+from caer_jax import errors, label_sets
 from tfds_raer.raer import raer_lib
+
+# `tfds build` runs the builder under absl's app.run, which would print a user's mistake (a
+# missing manual_dir, a bad annotation line, an unreadable frame) as a traceback: one `error:`
+# line and exit status 2 instead, as caer_jax's own commands do.
+app.install_exception_handler(errors.ExitOnUserError())
 
 _DESCRIPTION = """
 RAER: about 2,700 video clips of about 140 students in classrooms, libraries, laboratories and
@@ -157,7 +163,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         overrides = raer_lib.env_options()
         unknown = sorted(set(overrides) - set(OPTION_FIELDS))
         if unknown:
-            raise ValueError(
+            raise errors.BadInputError(
                 f"{raer_lib.OPTIONS_ENV}: unknown option(s) {unknown}; known: {list(OPTION_FIELDS)}"
             )
         overrides.update({k: kwargs.pop(k) for k in OPTION_FIELDS if k in kwargs})
@@ -311,7 +317,7 @@ class SkipFrameDecoding(tfds.decode.SkipDecoding):
 
 def _check_options(o: RaerConfig) -> None:
     def bad(msg):
-        raise ValueError(f"raer builder option: {msg}")
+        raise errors.BadInputError(f"raer builder option: {msg}")
 
     if not 8 <= o.image_size <= 4096:
         bad(f"image_size must be in 8..4096, got {o.image_size}")

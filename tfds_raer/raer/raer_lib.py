@@ -30,6 +30,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from caer_jax import errors
+
 ANNOTATION_FILES = {"train": "train.txt", "test": "test.txt"}
 FACE_BOXES_FILE = "face_boxes.json"
 BODY_BOXES_FILE = "body_boxes.json"
@@ -68,13 +70,13 @@ def env_options() -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{OPTIONS_ENV} is not valid JSON ({e}): {text!r}") from None
+        raise errors.BadInputError(f"{OPTIONS_ENV} is not valid JSON ({e}): {text!r}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{OPTIONS_ENV} must be a JSON object, got {text!r}")
+        raise errors.BadInputError(f"{OPTIONS_ENV} must be a JSON object, got {text!r}")
     return value
 
 
-class RaerFormatError(ValueError):
+class RaerFormatError(errors.BadInputError):
     """The manual_dir does not hold a readable RAER layout; the message names file and line."""
 
 

@@ -1,0 +1,72 @@
+"""User mistakes, and how every command line reports them: one `error:` line, exit status 2.
+
+A mistake in what the user gave (a missing or unreadable file, a truncated checkpoint, a config
+field or flag with a wrong name or value, an empty workdir) raises a `UserError` where it is
+detected, with a message that names the file, field or flag and says what to do. The entry points
+turn it into one line on stderr and exit status 2; any other exception is a bug and keeps its
+traceback. The subclasses also derive from the built-in type that callers already catch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import NoReturn
+
+from absl import app
+
+EXIT_STATUS = 2  # as argparse and most Unix tools use for a usage error
+
+
+class UserError(Exception):
+    """A mistake in the input of a command; the message says which input and what to do."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file, folder or checkpoint the command needs is not there."""
+
+
+class BadInputError(UserError, ValueError):
+    """A file, flag or config value is there but unusable (wrong name, value or contents)."""
+
+
+def one_line(message: object) -> str:
+    """The message on one line (line breaks become "; ")."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def fail(message: object) -> NoReturn:
+    """Prints `error: message` to stderr and exits with status 2."""
+    sys.stdout.flush()
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_STATUS)
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """Runs the body; a UserError that escapes it becomes the `error:` line and exit status 2."""
+    try:
+        yield
+    except UserError as e:
+        fail(e)
+
+
+class ExitOnUserError(app.ExceptionHandler):
+    """An absl exception handler (`app.install_exception_handler`) for absl programs that are not
+    ours, i.e. `tfds build`: a UserError becomes the `error:` line and exit status 2.
+
+    absl calls handlers after main() has unwound (every `finally` has run) and swallows a
+    SystemExit raised inside one, so the process ends with os._exit after flushing its output.
+    """
+
+    def wants(self, exc: BaseException) -> bool:
+        return isinstance(exc, UserError)
+
+    def handle(self, exc: BaseException) -> None:
+        sys.stdout.flush()
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(EXIT_STATUS)

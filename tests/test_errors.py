@@ -1,0 +1,292 @@
+"""Every command line answers a user's mistake with one `error:` line and exit status 2, and the
+authors' checkpoint converts, evaluates, predicts and resumes with no network and no tokenizer.
+
+The commands run in their own processes, as a user runs them. Hub ids meet an endpoint on which
+nothing listens (HF_ENDPOINT) and an empty cache (HF_HOME): a machine without network.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tiny_runs
+import torch
+from test_convert import _tiny_official
+
+from caer_jax import errors, train
+from caer_jax.data import prepare
+from caer_jax.models import hub
+from configs import synthetic_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+TFDS = Path(sys.executable).parent / "tfds"
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connections are refused at once
+HUB_ID = "openai/clip-vit-base-patch32"
+TINY = f"--config={REPO / 'configs/synthetic_tiny.py'}"
+
+
+def run(argv: list[str], home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "PYTHONPATH": str(REPO),
+        "HF_HOME": str(home / "hf"),
+        "HF_ENDPOINT": UNREACHABLE,
+    }
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+
+
+def python(module: str, *args: str, home: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", module, *args], home)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, one `error:` line (the last) holding every fragment."""
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [line for line in err if line.startswith("error:")] == err[-1:], err[-5:]
+    for fragment in fragments:
+        assert fragment in err[-1], err[-1]
+    return err[-1]
+
+
+# ---- the mistakes of the issue's table, and flags of every entry point ---------------------------
+
+
+def test_truncated_authors_checkpoint_is_called_that(tmp_path):
+    path, _ = _tiny_official(tmp_path, synthetic_tiny.get_config())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a partial download
+    result = python(
+        "caer_jax.convert", f"--official={path}", TINY, f"--workdir={tmp_path / 'w'}", home=tmp_path
+    )
+    assert_user_error(result, f"{path}: truncated or corrupt torch checkpoint")
+
+
+def test_foreign_and_missing_checkpoints_name_the_file(tmp_path):
+    foreign = tmp_path / "other.pth"
+    torch.save({"state_dict": {"backbone.fc.weight": torch.zeros(3, 2)}}, foreign)
+    result = python(
+        "caer_jax.convert", f"--official={foreign}", TINY, f"--workdir={tmp_path}", home=tmp_path
+    )
+    assert_user_error(result, f"{foreign}: cannot convert", "unexpected key 'backbone.fc.weight'")
+    missing = tmp_path / "model_best.pth"
+    result = python(
+        "caer_jax.convert", f"--official={missing}", TINY, f"--workdir={tmp_path}", home=tmp_path
+    )
+    assert_user_error(result, f"{missing}: no such file")
+
+
+def test_eval_of_a_workdir_without_checkpoints(tmp_path):
+    result = python("caer_jax.eval", TINY, f"--workdir={tmp_path}", home=tmp_path)
+    assert_user_error(result, f"no checkpoints in {tmp_path / 'checkpoints'}", "train first")
+
+
+def test_mistyped_config_field_suggests_the_name(tmp_path):
+    result = python(
+        "caer_jax.train", TINY, f"--workdir={tmp_path}", "--config.train.batchsize=3", home=tmp_path
+    )
+    assert_user_error(result, "--config.train.batchsize", "did you mean --config.train.batch_size?")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_clip_source_of_random_bytes(tmp_path):
+    weights = tmp_path / "ViT-B-32.pt"
+    weights.write_bytes(os.urandom(4096))
+    result = python(
+        "caer_jax.train",
+        TINY,
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.model.clip.source={weights}",
+        home=tmp_path,
+    )
+    # The tokenizer is looked for first (before any data is made): none beside the file.
+    assert_user_error(result, f"config.model.clip.source={str(weights)!r}", "vocab.json")
+
+
+def test_clip_weights_of_random_bytes_are_called_corrupt(tmp_path):
+    from caer_jax.models import clip_weights
+
+    weights = tmp_path / "ViT-B-32.pt"
+    weights.write_bytes(os.urandom(4096))
+    with pytest.raises(clip_weights.WeightsError, match=f"{weights}: truncated or corrupt"):
+        clip_weights.load_clip_params(weights)
+
+
+def test_config_file_that_does_not_exist(tmp_path):
+    result = python(
+        "caer_jax.eval", "--config=configs/nope.py", f"--workdir={tmp_path}", home=tmp_path
+    )
+    assert_user_error(result, "--config=configs/nope.py: no such config file", "configs/")
+
+
+@pytest.mark.parametrize(
+    "module, args, fragments",
+    [
+        ("caer_jax.eval", [TINY, "--step=best", "--config.data.num_segmnets=4"], ["num_segments"]),
+        ("caer_jax.eval", [TINY + ":nope"], ["unknown variant 'nope'"]),
+        ("caer_jax.predict", [TINY, "--workdir=w", "--json=maybe"], ["--json"]),
+        ("caer_jax.predict", [TINY, "--workdir=w"], ["exactly one PATH"]),
+        ("caer_jax.convert", [TINY, "--workdir=w"], ["--official required"]),
+        ("caer_jax.bench", ["--repeats=many"], ["--repeats=many"]),
+        ("caer_jax.train", [TINY], ["--workdir required"]),
+        ("caer_jax.data.synthetic", ["--out=x", "--clips=5"], ["--clips must be an integer >= 10"]),
+        ("caer_jax.data.synthetic", ["--clips=20"], ["required: --out"]),
+    ],
+)
+def test_flag_mistakes_at_every_entry_point(tmp_path, module, args, fragments):
+    assert_user_error(python(module, *args, home=tmp_path), *fragments)
+
+
+def test_tfds_build_without_the_manual_dir(tmp_path):
+    result = run(
+        [
+            str(TFDS),
+            "build",
+            "tfds_raer/raer",
+            f"--manual_dir={tmp_path / 'nowhere'}",
+            f"--data_dir={tmp_path / 'tfds'}",
+            "--config=64px",
+        ],
+        tmp_path,
+    )
+    assert_user_error(result, "RAER manual_dir missing", str(tmp_path / "nowhere"))
+
+
+def test_tfds_build_names_the_bad_annotation_line(tmp_path):
+    from caer_jax.data import synthetic
+
+    manual = tmp_path / "raer"
+    synthetic.generate(manual, num_clips=10, seed=0, min_frames=2, max_frames=2, workers=1)
+    lines = (manual / "train.txt").read_text().splitlines()
+    (manual / "train.txt").write_text("\n".join([lines[0].rsplit(" ", 1)[0] + " 9", *lines[1:]]))
+    result = run(
+        [str(TFDS), "build", "tfds_raer/raer", f"--manual_dir={manual}", "--config=64px"]
+        + [f"--data_dir={tmp_path / 'tfds'}"],
+        tmp_path,
+    )
+    assert_user_error(result, f"{manual / 'train.txt'}:1", "label 9 outside 1..5")
+
+
+def test_only_user_errors_become_the_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_info, errors.reported():
+        raise errors.BadInputError("config.x: bad\nsecond line")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: config.x: bad; second line\n"
+    # Anything else is a bug: it keeps its type and traceback.
+    with pytest.raises(ZeroDivisionError), errors.reported():
+        _ = 1 / 0
+
+
+# ---- the authors' checkpoint with no network -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny dataset, and a tiny authors'-format checkpoint converted by the CLI offline with
+    config.model.clip.source a hub id that no cache holds."""
+    root = tmp_path_factory.mktemp("offline")
+    settings = tiny_runs.overrides(root, num_clips=10, **{"train.num_epochs": 1})
+    prepare.prepare_data(tiny_runs.config(settings))
+    path, _ = _tiny_official(root, synthetic_tiny.get_config())
+    flags = [TINY, *tiny_runs.flags(settings), f"--config.model.clip.source={HUB_ID}"]
+    start = time.perf_counter()
+    result = python(
+        "caer_jax.convert", f"--official={path}", f"--workdir={root / 'run'}", *flags, home=root
+    )
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    flags.append("--config.model.pixel_normalization=none")  # what convert says to pass
+    return root, settings, flags, result, seconds
+
+
+def test_authors_checkpoint_converts_and_evaluates_offline(converted):
+    root, _, flags, result, convert_s = converted
+    assert "--config.model.pixel_normalization=none" in result.stdout
+    assert "prompt texts not checked" in result.stderr  # no tokenizer: the ids need none
+    start = time.perf_counter()
+    evaluated = python(
+        "caer_jax.eval", *flags, f"--workdir={root / 'run'}", "--step=latest", home=root
+    )
+    eval_s = time.perf_counter() - start
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    assert metrics["step"] == 0 and metrics["num_clips"] > 0
+    assert f"UAR {metrics['uar']:.2f}" in evaluated.stdout
+    print(f"offline: convert {convert_s:.1f} s, eval {eval_s:.1f} s (processes, imports included)")
+
+
+def test_checkpoint_records_the_prompt_token_ids(converted):
+    from caer_jax import checkpoint
+
+    root, _, _, _, _ = converted
+    ckpts = checkpoint.Checkpoints(root / "run", read_only=True)
+    meta = ckpts.read_meta(0)
+    ckpts.close()
+    ids = checkpoint.saved_prompt_token_ids(meta)
+    config = synthetic_tiny.get_config()
+    assert ids.shape == (5, config.model.clip.context_length)
+    assert meta["prompt"]["text_type"] == config.model.prompt.text_type
+    assert len(meta["prompt"]["class_texts"]) == 5
+
+
+def test_predict_offline_and_a_video_without_frames(converted, tmp_path):
+    root, settings, flags, _, _ = converted
+    clip = Path(settings["data.synthetic.manual_dir"]) / "clips" / "0001"
+    workdir = f"--workdir={root / 'run'}"
+    result = python(
+        "caer_jax.predict", *flags, workdir, "--step=latest", "--json", str(clip), home=root
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 0
+    garbage = tmp_path / "clip.mp4"
+    garbage.write_bytes(os.urandom(3000))
+    result = python("caer_jax.predict", *flags, workdir, str(garbage), home=root)
+    assert_user_error(result, f"{garbage}: cannot open as a video")
+
+
+def test_eval_of_a_split_that_does_not_exist(converted):
+    root, _, flags, _, _ = converted
+    workdir = f"--workdir={root / 'run'}"
+    result = python("caer_jax.eval", *flags, workdir, "--step=latest", "--split=val", home=root)
+    assert_user_error(result, "split 'val' does not exist", "train, test")
+
+
+def test_eval_of_a_damaged_checkpoint_names_it(converted, tmp_path):
+    root, _, flags, _, _ = converted
+    workdir = tmp_path / "run"
+    shutil.copytree(root / "run", workdir)
+    for path in (workdir / "checkpoints" / "0" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    result = python("caer_jax.eval", *flags, f"--workdir={workdir}", "--step=latest", home=root)
+    assert_user_error(result, f"checkpoint {workdir / 'checkpoints' / '0'} cannot be read")
+    result = python("caer_jax.eval", *flags, f"--workdir={workdir}", "--step=best", home=root)
+    assert_user_error(result, "--step=best: no checkpoint", "was evaluated", "--step=latest")
+
+
+def test_resume_needs_no_tokenizer(converted, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    root, settings, _, _, _ = converted
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub.hub_reachable.cache_clear()
+    config = tiny_runs.config(settings)
+    config.model.clip.source = HUB_ID
+    config.model.pixel_normalization = "none"
+    workdir = tmp_path / "run"
+    shutil.copytree(root / "run", workdir)
+    try:
+        with pytest.raises(errors.MissingInputError, match="not in the local cache"):
+            train.train_and_evaluate(config, tmp_path / "fresh")  # a fresh start needs one
+        results = train.train_and_evaluate(config, workdir)
+    finally:
+        hub.hub_reachable.cache_clear()
+    assert results["step"] == 1 and results["num_clips"] > 0
