@@ -181,11 +181,16 @@ class Checkpoints:
         """The metadata record of `step` alone."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
+    def read_config(self, step: int) -> dict:
+        """The config `step` was trained with, as a dict."""
+        return self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        ).config
+
     def _check_config(self, step: int, config: ml_collections.ConfigDict | None) -> None:
         if config is None:
             return
-        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        check_compatible(saved.config, config, self.directory / str(step))
+        check_compatible(self.read_config(step), config, self.directory / str(step))
 
     def restore_newest_intact(self, restore_fn: Callable[[int], Any]) -> tuple[int, Any] | None:
         """`(step, restore_fn(step))` for the newest step that restores, skipping (and saying so)
