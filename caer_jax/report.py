@@ -166,10 +166,10 @@ def table(workdirs: Sequence[str | Path], class_names: Sequence[str] = CLASS_NAM
 
     lines = [line(header), "-" * len(line(header)), *map(line, rows)]
     levels = ", ".join(f"{100 * c:g} %" for c in sorted(confidence))
-    lines.append(
-        f"[a, b]: {levels} bootstrap interval over the split's clips; +- : sample standard "
-        "deviation over seeds"
-    )
+    legend = f"[a, b]: {levels} bootstrap interval over the split's clips"
+    if any(len(group) > 1 for group in groups):
+        legend += "; +- : sample standard deviation over seeds"
+    lines.append(legend)
     lines += _notes(runs, groups)
     return "\n".join(lines)
 
