@@ -23,9 +23,13 @@ setup: $(VENV)/.setup
 setup-test: $(VENV)/.setup-test
 
 # CPU runs go through launch/with_jemalloc.sh (jemalloc keeping freed pages when it is installed).
+# One training per seed and stream setting, in RUNS/synthetic_tiny{,_face}/seed_S; `make demo
+# SEEDS=42,43,44` trains three seeds of each (about three times as long) and the report prints
+# their mean +- standard deviation.
+SEEDS ?= 42
 demo: setup
-	launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py --workdir=$(RUNS)/synthetic_tiny
-	launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py:face --workdir=$(RUNS)/synthetic_tiny_face
+	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py
+	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny_face launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py:face
 	$(PY) -m caer_jax.report $(RUNS)/synthetic_tiny $(RUNS)/synthetic_tiny_face
 
 bench: setup

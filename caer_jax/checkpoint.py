@@ -245,11 +245,16 @@ class Checkpoints:
                 f"{type(e).__name__}: {first}); choose another step with --step, or train again"
             ) from e
 
+    def read_config(self, step: int) -> dict:
+        """The config `step` was trained with, as a dict."""
+        return self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        ).config
+
     def _check_config(self, step: int, config: ml_collections.ConfigDict | None) -> None:
         if config is None:
             return
-        saved = self._read(step, config=ocp.args.JsonRestore())
-        check_compatible(saved.config, config, self.directory / str(step))
+        check_compatible(self.read_config(step), config, self.directory / str(step))
 
     def restore_newest_intact(self, restore_fn: Callable[[int], Any]) -> tuple[int, Any] | None:
         """`(step, restore_fn(step))` for the newest step that restores, skipping (and saying so)

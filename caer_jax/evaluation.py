@@ -1,7 +1,8 @@
 """Evaluation of CLIP-CAER parameters and checkpoints (the library behind `caer_jax.eval`).
 
 Restores a checkpoint onto whatever devices are present, runs every clip of the split exactly
-once, and writes metrics (JSON), the confusion matrix (PNG) and per-clip predictions (CSV).
+once, and writes metrics (JSON, with bootstrap confidence intervals and the checkpoint's training
+config), the confusion matrix (PNG) and per-clip predictions (CSV).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def evaluate_checkpoint(
     abstract = state_lib.abstract_params(model, config)
     target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
     params, meta = ckpts.restore_params(resolved, target, config=config)
+    trained_with = ckpts.read_config(resolved)
     ckpts.close()
     logging.info("restored the parameters of step %d from %s", resolved, ckpts.directory)
     class_names = label_sets.load(config.model.label_set).class_names
@@ -125,6 +127,16 @@ def evaluate_checkpoint(
         epoch=meta["epoch"],
         protocol=meta["protocol"],
         streams=config.model.streams,
+        # caer_jax.report groups runs whose training configs differ only by the seed.
+        train_config=trained_with,
+        bootstrap=metrics.bootstrap_intervals(
+            predictions["label"],
+            predictions["probs"].argmax(-1),
+            class_names,
+            resamples=config.eval.bootstrap_resamples,
+            seed=config.eval.bootstrap_seed,
+            confidence=config.eval.confidence,
+        ),
     )
     if jax.process_index() == 0:
         suffix = "" if split == config.data.eval_split else f"_{split}"

@@ -1,4 +1,5 @@
-"""Evaluation metrics of RAER (WAR, UAR, per-class recall, confusion matrix) and their plots."""
+"""Evaluation metrics of RAER (WAR, UAR, per-class recall, confusion matrix), their bootstrap
+confidence intervals, and plots."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts [true class, predicted class]; labels outside 0..num_classes-1 are an error."""
-    labels = np.asarray(labels)
-    predictions = np.asarray(predictions)
+def _check_range(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> None:
     for name, values in (("label", labels), ("prediction", predictions)):
         bad = (values < 0) | (values >= num_classes)
         if bad.any():
             raise ValueError(f"{name} {values[bad][0]} outside 0..{num_classes - 1}")
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts [true class, predicted class]; labels outside 0..num_classes-1 are an error."""
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    _check_range(labels, predictions, num_classes)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (labels, predictions), 1)
     return cm
@@ -47,6 +52,74 @@ def summarize(cm: np.ndarray, class_names: Sequence[str]) -> dict:
             for name, r, s in zip(class_names, recall, support, strict=True)
         },
         "confusion_matrix": cm.tolist(),
+    }
+
+
+def resample_indices(num_clips: int, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, num_clips] clip indices drawn with replacement (one bootstrap resample a row)."""
+    return np.random.default_rng(seed).integers(0, num_clips, size=(resamples, num_clips))
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    resamples: int,
+    seed: int,
+    confidence: float,
+) -> dict:
+    """Percentile bootstrap intervals (percent) of WAR, UAR and each class's recall.
+
+    The clips of the split are resampled with replacement `resamples` times (rows of
+    resample_indices(len(labels), resamples, seed)); each resample is scored as summarize scores
+    a split. A resample that lacks a class has no recall for it: that class's interval is taken
+    over the resamples that hold it (their number is returned), and the resample's UAR averages
+    the classes it holds. A class absent from the split has no interval (None).
+    """
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    if labels.shape != predictions.shape or labels.ndim != 1 or not len(labels):
+        raise ValueError(
+            f"labels {labels.shape} and predictions {predictions.shape}: expected two equal, "
+            "non-empty vectors"
+        )
+    if resamples < 1 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"{resamples} resamples at confidence {confidence}: need >= 1 and (0, 1)")
+    num_classes = len(class_names)
+    _check_range(labels, predictions, num_classes)
+    picks = resample_indices(len(labels), resamples, seed)
+    picked = labels[picks]
+    # One bincount over (resample, class) codes gives every resample's support and hits at once.
+    codes = (np.arange(resamples)[:, None] * num_classes + picked).ravel()
+    size = resamples * num_classes
+    support = np.bincount(codes, minlength=size).reshape(resamples, num_classes)
+    hits = (predictions[picks] == picked).ravel().astype(np.float64)
+    correct = np.bincount(codes, weights=hits, minlength=size).reshape(resamples, num_classes)
+    held = support > 0
+    recall = 100.0 * correct / np.maximum(support, 1)  # [resamples, classes]; valid where held
+    war = 100.0 * correct.sum(axis=1) / len(labels)
+    uar = (recall * held).sum(axis=1) / held.sum(axis=1)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+
+    def interval(values: np.ndarray) -> list[float]:
+        low, high = np.percentile(values, [tail, 100.0 - tail])
+        return [float(low), float(high)]
+
+    in_split = np.bincount(labels, minlength=num_classes) > 0
+    return {
+        "confidence": confidence,
+        "resamples": resamples,
+        "seed": seed,
+        "war": interval(war),
+        "uar": interval(uar),
+        "recall": {
+            name: interval(recall[held[:, k], k]) if in_split[k] else None
+            for k, name in enumerate(class_names)
+        },
+        "resamples_without_class": {
+            name: int(resamples - held[:, k].sum()) for k, name in enumerate(class_names)
+        },
     }
 
 

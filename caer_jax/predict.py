@@ -6,7 +6,8 @@ a RAER clip: `config.data.num_segments` frames sampled with the eval formula, th
 each sampled frame found by OpenCV's bundled Haar cascade and cropped with the builder's 20 px
 margin rule (the whole frame when no face is found), context = the whole frame letterboxed (no
 body box), both at `config.data.image_size`, pixels in [0, 1]. Prints the class probabilities and
-the predicted class (`--json`: one JSON line instead).
+the predicted class (`--json`: one JSON line instead) and writes a PNG of what the model saw and
+answered (`--figure`, default WORKDIR/predict/<PATH's name>.png; see predict_figure.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from etils import epath
 from ml_collections import config_flags
 from PIL import Image
 
-from caer_jax import checkpoint, cli, errors, label_sets
+from caer_jax import checkpoint, cli, errors, label_sets, predict_figure
 from caer_jax import state as state_lib
 from caer_jax.data import augment, sampling
 from caer_jax.models import caer
@@ -198,12 +199,14 @@ def predict_clip(
     workdir: str | Path,
     path: str | Path,
     step: str | int = "best",
+    figure: str | Path | None = None,
 ) -> dict:
-    """Class probabilities of the clip at `path` under the checkpoint `step` of `workdir`.
+    """Class probabilities of the clip at `path` under the checkpoint `step` of `workdir`; with
+    `figure`, also a PNG there of the sampled frames, both streams' crops and the probabilities.
 
     Returns a JSON-able dict: path, step, num_frames, frame_indices, face_boxes (per sampled
     frame, None where no face was found), frames_without_face, probabilities {class: p} in class
-    order, prediction, warnings.
+    order, prediction, figure (its path or None), warnings.
     """
     d = config.data
     _require_checkpoints(workdir)  # before decoding a long video
@@ -223,15 +226,32 @@ def predict_clip(
     probs = np.asarray(jax.device_get(fn(params, face[None], context[None])))[0]
     offsets = sampling.eval_indices(num_frames, d.num_segments, d.duration)
     class_names = label_sets.load(config.model.label_set).class_names
+    frame_indices = sampling.frame_indices(offsets, d.duration, num_frames).tolist()
+    prediction = class_names[int(probs.argmax())]
+    if figure is not None:
+        predict_figure.plot_prediction(
+            figure,
+            frames=frames,
+            frame_indices=frame_indices,
+            boxes=boxes,
+            face=face,
+            context=context,
+            probabilities=probs,
+            class_names=class_names,
+            title=f"{path}: {prediction} (checkpoint step {resolved}, streams "
+            f"{config.model.streams}, {len(boxes) - missing}/{len(boxes)} frames with a face)",
+            streams=config.model.streams,
+        )
     return {
         "path": str(path),
         "step": int(resolved),
         "num_frames": int(num_frames),
-        "frame_indices": sampling.frame_indices(offsets, d.duration, num_frames).tolist(),
+        "frame_indices": frame_indices,
         "face_boxes": boxes,
         "frames_without_face": int(missing),
         "probabilities": {name: float(p) for name, p in zip(class_names, probs, strict=True)},
-        "prediction": class_names[int(probs.argmax())],
+        "prediction": prediction,
+        "figure": None if figure is None else str(figure),
         "warnings": warnings,
     }
 
@@ -245,6 +265,8 @@ def format_result(result: dict) -> str:
     ]
     ranked = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])
     lines += [f"  {name:<12} {p:.4f}" for name, p in ranked]
+    if result["figure"]:
+        lines.append(f"figure: {result['figure']}")
     lines += [f"warning: {w}" for w in result["warnings"]]
     return "\n".join(lines)
 
@@ -267,6 +289,12 @@ def _define_flags() -> None:
         "step", "best", "Checkpoint: best, latest or a step number."
     )
     _FLAGS["json"] = flags.DEFINE_bool("json", False, "Print the result as one JSON line.")
+    _FLAGS["figure"] = flags.DEFINE_string(
+        "figure",
+        None,
+        "Where to write the clip's PNG (frames, face boxes, both streams' crops, probabilities); "
+        "default WORKDIR/predict/<PATH's name>.png.",
+    )
 
 
 def run(argv=()) -> None:
@@ -274,7 +302,8 @@ def run(argv=()) -> None:
         raise errors.BadInputError("expected exactly one PATH (a video file or a folder of frames)")
     config, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
     cli.start(argv[:1], config=config, workdir=workdir)
-    result = predict_clip(config, workdir, argv[1], step=_FLAGS["step"].value)
+    figure = _FLAGS["figure"].value or Path(workdir) / "predict" / f"{Path(argv[1]).name}.png"
+    result = predict_clip(config, workdir, argv[1], step=_FLAGS["step"].value, figure=figure)
     print(json.dumps(result) if _FLAGS["json"].value else format_result(result))
 
 

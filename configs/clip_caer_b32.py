@@ -107,6 +107,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 0  # 0: at epoch ends (and on SIGTERM) only
     c.train.skip_nonfinite = False  # True: skip and count steps with a non-finite loss/gradient
 
+    # metrics.json: percentile bootstrap intervals over clips resampled within the evaluated split
+    # (seeded on their own, so one set of predictions always gets the same intervals).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.bootstrap_resamples = 1000
+    c.eval.bootstrap_seed = 0
+    c.eval.confidence = 0.95
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axis
     c.mesh.fsdp = 1

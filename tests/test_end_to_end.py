@@ -39,6 +39,12 @@ def test_training_writes_checkpoints_metrics_and_plots(trained):
     test_lines = (Path(config.data.synthetic.manual_dir) / "test.txt").read_text().splitlines()
     assert metrics["num_clips"] == len(test_lines)
     assert sum(row["support"] for row in metrics["per_class"].values()) == len(test_lines)
+    # bootstrap intervals around the split's figures, and the config the checkpoint was trained with
+    intervals = metrics["bootstrap"]
+    assert intervals["resamples"] == config.eval.bootstrap_resamples
+    assert intervals["war"][0] <= metrics["war"] <= intervals["war"][1]
+    assert 0.0 <= intervals["uar"][0] <= intervals["uar"][1] <= 100.0
+    assert metrics["train_config"] == json.loads(json.dumps(config.to_dict()))
     for name in ("curves.png", "confusion_matrix.png", "predictions.csv", "param_groups.txt"):
         assert (workdir / name).stat().st_size > 0, name
     assert list((workdir / "tensorboard").iterdir())

@@ -182,3 +182,50 @@ def test_with_jemalloc_runs_plainly_with_a_note_when_ldconfig_lists_none(tmp_pat
     out = _run(LAUNCH / "with_jemalloc.sh", "bash", "-c", 'echo "[$LD_PRELOAD]"', env=env)
     assert out.returncode == 0 and out.stdout.strip() == "[]"
     assert "libjemalloc.so.2 not found" in out.stderr
+
+
+def test_seeds_dry_run_gives_each_seed_its_workdir():
+    out = _run(
+        LAUNCH / "seeds.sh",
+        "--dry-run",
+        "42,43,44",
+        "runs/tiny",
+        "sbatch",
+        "job.sbatch",
+        "--config=c",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"sbatch job.sbatch --config=c --config.seed={s} --workdir=runs/tiny/seed_{s}"
+        for s in (42, 43, 44)
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["1,x", "w", "cmd"], "SEEDS must be comma-separated"),
+        (["1,1", "w", "cmd"], "lists a seed twice"),
+        (["1", "w", "cmd", "--workdir=other"], "sets the workdir and the seed"),
+        (["1", "w"], "usage"),
+    ],
+)
+def test_seeds_refuses_bad_arguments(args, message):
+    out = _run(LAUNCH / "seeds.sh", *args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_seeds_runs_in_sequence_and_stops_at_the_first_failure(tmp_path):
+    # A stand-in training command: records its arguments, fails for seed 2.
+    fake = tmp_path / "train"
+    fake.write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls"}\n'
+        '[[ "$*" == *seed=2* ]] && exit 3\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    out = _run(LAUNCH / "seeds.sh", "1,2,3", "w", fake, "--config=c")
+    assert out.returncode == 3 and "seed 2 failed (status 3)" in out.stderr, out.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "--config=c --config.seed=1 --workdir=w/seed_1",
+        "--config=c --config.seed=2 --workdir=w/seed_2",
+    ]

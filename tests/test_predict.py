@@ -122,6 +122,29 @@ def test_video_with_a_face(trained, tmp_path):
     )
 
 
+def test_figure_shows_the_clip_and_its_probabilities(trained, tmp_path):
+    config, workdir, model, params = trained
+    # magenta frames: no face, so every thumbnail (frame, face crop = whole frame, letterboxed
+    # context) is magenta, which nothing else in the figure is
+    magenta = np.zeros((FRAME_SIZE[1], FRAME_SIZE[0], 3), np.uint8)
+    magenta[..., 0] = magenta[..., 2] = 255
+    video = write_video(tmp_path / "magenta.avi", [magenta] * 6)
+    figure = tmp_path / "figures" / "magenta.png"
+    result = predict.predict_clip(config, workdir, video, figure=figure)
+    assert result["figure"] == str(figure)
+    assert predict.format_result(result).splitlines()[-2] == f"figure: {figure}"
+    image = np.asarray(Image.open(figure).convert("RGB")).astype(int)
+    # 8 frame columns of 1.4 in plus 3.5 in of bars, 3 rows of 1.4 in plus the title, at 100 dpi
+    assert image.shape == (510, 1470, 3)
+    is_magenta = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] > 200)
+    # 24 thumbnails of about 120 x 120 (the context's 4:3 letterboxed): about 40 % of the pixels
+    assert is_magenta.mean() > 0.3
+    assert is_magenta[:, 1100:].sum() == 0  # the bar chart on the right holds none
+    # and the predicted class's bar is drawn (orange) in the chart
+    orange = (image[..., 0] > 230) & (abs(image[..., 1] - 127) < 20) & (image[..., 2] < 40)
+    assert orange[:, 1100:].sum() > 1000
+
+
 def test_faceless_video_and_frame_folder_still_get_a_prediction(trained, tmp_path):
     config, workdir, model, params = trained
     frames = [landscape_frame(shift=3 * i) for i in range(5)]
@@ -189,6 +212,9 @@ def test_cli_json_line_and_clear_error(trained, tmp_path):
     out = json.loads(lines[0])
     check_probabilities(out)
     assert out["frames_without_face"] == 0
+    # the figure goes into the workdir by default
+    assert out["figure"] == str(workdir / "predict" / "face.avi.png")
+    assert Image.open(out["figure"]).size == (1470, 510)
 
     missing = tmp_path / "nothing_here"
     result = _cli(workdir, missing, tmp_path)
