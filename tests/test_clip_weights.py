@@ -247,20 +247,32 @@ def test_openai_state_dict_file(tiny, tmp_path):
     _assert_parity(_ours(params, g, pixels, ids, ref[3]), ref[:3], 1e-5)
 
 
+def _scripted_state_dict_module(sd: dict) -> torch.nn.Module:
+    """A module tree whose state dict is `sd` (keys with dots, as in OpenAI's archives)."""
+    root = torch.nn.Module()
+    for key, value in sd.items():
+        *path, leaf = key.split(".")
+        node = root
+        for name in path:
+            if not hasattr(node, name):
+                node.add_module(name, torch.nn.Module())
+            node = getattr(node, name)
+        node.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    return torch.jit.script(root)
+
+
 def test_openai_torchscript_archive(tiny, tmp_path):
-    _, model, _, _ = tiny
+    _, model, (pixels, ids), ref = tiny
     sd = _openai_sd(model.state_dict())
-
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            for k, v in sd.items():
-                self.register_buffer(k.replace(".", "__"), v)
-
-    scripted = torch.jit.script(Holder())
-    scripted.save(str(tmp_path / "ts.pt"))
-    loaded = clip_weights.load_torch_file(tmp_path / "ts.pt")
-    assert set(k.replace("__", ".") for k in loaded) == set(sd)
+    _scripted_state_dict_module(sd).save(str(tmp_path / "ViT-tiny.pt"))
+    # weights_only refuses a TorchScript archive: the same entry point as a real OpenAI file
+    # reads it through torch.jit.load, to the same parameters as the plain state dict file.
+    params, geometry = clip_weights.load_clip_weights(tmp_path / "ViT-tiny.pt")
+    expected, expected_geometry = clip_weights.from_openai_state_dict(sd)
+    assert geometry == expected_geometry
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
+    g = clip_lib.CLIPGeometry(**{**geometry.__dict__, "vision_heads": 2, "text_heads": 3})
+    _assert_parity(_ours(params, g, pixels, ids, ref[3]), ref[:3], 1e-5)
 
 
 def test_malicious_pickle_is_refused(tmp_path):

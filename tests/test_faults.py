@@ -1,7 +1,9 @@
 """Faults: a killed run resumes to the same parameters, SIGTERM saves at the signal's step, a
-damaged newest checkpoint falls back to the previous one, a non-finite loss stops the run with
-the step and clips named, and an incompatible config is refused."""
+damaged newest checkpoint falls back to the previous one (and still ends at the same parameters),
+a non-finite loss stops the run with the step and clips named or, with skip_nonfinite, is skipped
+and counted, and an incompatible config is refused."""
 
+import functools
 import os
 import re
 import signal
@@ -23,6 +25,9 @@ from caer_jax.models import caer
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 32 train clips / batch 8
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+# A learning rate of 1e30 makes the first step's update ~1e30, so that the next forward pass
+# overflows: the non-finite steps of these tests.
+HUGE_LR = ("--config.optim.lr.temporal=1e30", "--config.optim.lr.image_encoder=1e30")
 
 
 def fault_overrides(root: Path) -> dict:
@@ -74,7 +79,8 @@ def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int) -> None:
         time.sleep(0.2)
 
 
-def final_params(config, workdir: Path, step: int):
+def saved_state(config, workdir: Path, step: int):
+    """The whole train state saved at `step` (host numpy) and its meta."""
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     abstract = state_lib.abstract_state(model, config, STEPS_PER_EPOCH)
     mesh = sharding.make_mesh(config.mesh)
@@ -82,7 +88,16 @@ def final_params(config, workdir: Path, step: int):
     ckpts = checkpoint.Checkpoints(workdir, read_only=True)
     state, meta = ckpts.restore(step, target)
     ckpts.close()
-    return jax.device_get(state.params), meta
+    return jax.device_get(state), meta
+
+
+def final_params(config, workdir: Path, step: int):
+    state, meta = saved_state(config, workdir, step)
+    return state.params, meta
+
+
+def assert_same_params(params, expected, what: str) -> None:
+    jax.tree.map(functools.partial(np.testing.assert_array_equal, err_msg=what), params, expected)
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +111,21 @@ def reference(tmp_path_factory):
     return config, root, params
 
 
-def test_sigkill_then_resume_gives_the_same_parameters(reference):
+@pytest.mark.parametrize("kill_after", [3, 4], ids=["mid-epoch", "epoch-end"])
+def test_sigkill_then_resume_gives_the_same_parameters(reference, kill_after):
     config, root, expected = reference
-    workdir = root / "killed"
-    kill_after = int(np.random.default_rng().integers(2, TOTAL_STEPS - 1))  # mid-epoch or not
+    workdir = root / f"killed-{kill_after}"
     proc = start_training(root, workdir)
     wait_for_step(proc, workdir, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert max(saved_steps(workdir)) < TOTAL_STEPS
+    # The run goes on while the test polls: the newest checkpoint may be past kill_after.
+    what = f"killed after step {kill_after}, checkpoints then: {saved_steps(workdir)}"
+    assert max(saved_steps(workdir)) < TOTAL_STEPS, what
     out = finish(start_training(root, workdir))
-    assert re.search(r"resumed from step \d+", out)
+    assert re.search(r"resumed from step \d+", out), what
     params, _ = final_params(config, workdir, TOTAL_STEPS)
-    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    assert_same_params(params, expected, what)
 
 
 def test_sigterm_saves_at_the_signal_step_exits_cleanly_and_resumes(reference):
@@ -131,7 +148,7 @@ def test_sigterm_saves_at_the_signal_step_exits_cleanly_and_resumes(reference):
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):
-    config, root, _ = reference
+    config, root, expected = reference
     workdir = root / "damaged"
     proc = start_training(root, workdir)
     wait_for_step(proc, workdir, 3)
@@ -145,14 +162,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):
     assert f"checkpoints/{newest} cannot be restored" in out
     assert (workdir / "checkpoints" / f"{newest}.damaged").is_dir()
     assert f"resumed from step {newest - 1}" in out
+    params, _ = final_params(config, workdir, TOTAL_STEPS)
+    assert_same_params(params, expected, f"resumed from step {newest - 1}")
 
 
 def test_nonfinite_loss_names_the_step_and_keeps_the_last_checkpoint(reference):
     config, root, _ = reference
     workdir = root / "nan"
-    proc = start_training(
-        root, workdir, "--config.optim.lr.temporal=1e30", "--config.optim.lr.image_encoder=1e30"
-    )
+    proc = start_training(root, workdir, *HUGE_LR)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     match = re.search(
@@ -166,6 +183,39 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_checkpoint(reference):
     if bad_step > 1:
         params, _ = final_params(config, workdir, bad_step - 1)
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_skip_nonfinite_skips_and_counts_the_steps_and_training_goes_on(reference):
+    config, root, _ = reference
+    workdir = root / "skip"
+    out = finish(
+        start_training(
+            root,
+            workdir,
+            *HUGE_LR,
+            "--config.train.skip_nonfinite=True",
+            f"--config.train.keep_checkpoints={TOTAL_STEPS}",
+        )
+    )
+    # Training went on to the end and evaluated the best checkpoint.
+    assert saved_steps(workdir) == list(range(1, TOTAL_STEPS + 1))
+    assert (workdir / "metrics.json").is_file()
+    states = {step: saved_state(config, workdir, step) for step in saved_steps(workdir)}
+    skipped = []
+    for step in range(2, TOTAL_STEPS + 1):
+        (before, _), (after, _) = states[step - 1], states[step]
+        assert int(after.step) == step  # the counter advances either way (aligned with the data)
+        same = jax.tree.leaves(jax.tree.map(np.array_equal, after.params, before.params))
+        if all(same):
+            skipped.append(step)
+            # a skipped step changes neither the parameters nor the optimizer state
+            assert_same_params(after.opt_state, before.opt_state, f"skipped step {step}")
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(after.params)), step
+    count = states[TOTAL_STEPS][1]["skipped_nonfinite_steps"]
+    print(f"skipped steps {skipped}, counted {count}")
+    assert skipped and count == len(skipped)
+    match = re.search(r"non-finite step (\d+)", out)
+    assert match and int(match.group(1)) == skipped[0], out[-3000:]
 
 
 def test_incompatible_config_is_refused(reference):

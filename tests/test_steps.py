@@ -1,0 +1,109 @@
+"""The jitted train step on its own: dropout draws from the step's key, and a step whose loss or
+gradient is not finite leaves parameters and optimizer state as they were.
+
+One device, no input pipeline: a tiny CLIP-CAER (32 px, 2 frames, one layer per CLIP tower) on
+fixed random clips.
+"""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from caer_jax import optim, steps
+from caer_jax import state as state_lib
+from caer_jax.models import caer
+from configs import synthetic_tiny
+
+BATCH = 4
+
+
+def tiny_config():
+    c = synthetic_tiny.get_config()
+    c.data.num_segments = 2
+    c.data.image_size = 32
+    c.model.clip.image_size = 32
+    c.model.clip.vision_layers = 1
+    c.model.clip.text_layers = 1
+    return c
+
+
+@functools.cache
+def model_and_params():
+    config = tiny_config()
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    return model, jax.device_get(caer.init_params(model, config.model, jax.random.key(0)))
+
+
+def random_batch(seed: int) -> dict:
+    config = tiny_config()
+    rng = np.random.default_rng(seed)
+    shape = (BATCH, config.data.num_segments, config.data.image_size, config.data.image_size, 3)
+    return {
+        "face": rng.random(shape, np.float32),
+        "context": rng.random(shape, np.float32),
+        "label": rng.integers(0, 5, BATCH).astype(np.int32),
+    }
+
+
+def train_step(optim_config, grad_accum_steps: int = 1):
+    """A fresh state and steps.train_step jitted as f(state, batch, dropout_rng), without
+    donation (the tests keep old states)."""
+    model, params = model_and_params()
+    tx = optim.make_optimizer(params, optim_config, steps_per_epoch=4)
+
+    @jax.jit
+    def step_fn(state, batch, dropout_rng):
+        return steps.train_step(
+            state,
+            batch,
+            model=model,
+            tx=tx,
+            dropout_rng=dropout_rng,
+            streams="both",
+            grad_accum_steps=grad_accum_steps,
+        )
+
+    return state_lib.create(params, tx), step_fn
+
+
+def test_the_train_step_draws_dropout_from_its_key():
+    config = tiny_config()
+    assert config.model.temporal.dropout > 0
+    state, step_fn = train_step(config.optim)
+    batch = random_batch(0)
+    losses = {}
+    for seed in (0, 0, 1):
+        _, metrics = step_fn(state, batch, jax.random.key(seed))
+        losses.setdefault(seed, []).append(float(metrics["loss"]))
+    print("losses by dropout key:", losses)
+    assert losses[0][0] == losses[0][1]
+    assert abs(losses[0][0] - losses[1][0]) > 1e-3
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_as_they_were(grad_accum_steps):
+    # The fault test's way to a non-finite step (tests/test_faults.py): a learning rate of 1e30
+    # turns the first, finite step's update into parameters of ~1e30, whose forward pass in the
+    # second step overflows.
+    config = tiny_config()
+    config.optim.lr.temporal = 1e30
+    config.optim.lr.image_encoder = 1e30
+    state, step_fn = train_step(config.optim, grad_accum_steps=grad_accum_steps)
+    initial = jax.device_get(state)
+    first, metrics = step_fn(state, random_batch(0), jax.random.key(0))
+    assert bool(metrics["finite"])
+    first = jax.device_get(first)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), first.params, initial.params)
+    assert max(jax.tree.leaves(moved)) > 1e20  # the guard below has something to keep out
+
+    second, metrics = step_fn(first, random_batch(1), jax.random.key(0))
+    metrics = jax.device_get(metrics)
+    assert not metrics["finite"]
+    assert not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])), metrics
+    second = jax.device_get(second)
+    # the step counter advances (it stays aligned with the data); nothing else changes
+    assert (int(first.step), int(second.step)) == (1, 2)
+    jax.tree.map(np.testing.assert_array_equal, second.params, first.params)
+    jax.tree.map(np.testing.assert_array_equal, second.opt_state, first.opt_state)
