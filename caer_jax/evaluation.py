@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from caer_jax import checkpoint, metrics, sharding, steps
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline
+from caer_jax.data import feature_cache, pipeline
 from caer_jax.models import caer
 from caer_jax.prompts import CLASS_NAMES
 
@@ -27,7 +27,12 @@ from caer_jax.prompts import CLASS_NAMES
 def make_eval_step(model, config: ml_collections.ConfigDict, mesh, params: Any):
     """The jitted eval step for `params`' layout on `mesh` (build once, call every epoch)."""
     return jax.jit(
-        functools.partial(steps.eval_step, model=model, streams=config.model.streams),
+        functools.partial(
+            steps.eval_step,
+            model=model,
+            streams=config.model.streams,
+            method=feature_cache.apply_method(config),
+        ),
         in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
@@ -38,8 +43,13 @@ def predict_split(
 ) -> dict:
     """Class probabilities, labels and record indices of every clip of `split`, once each."""
     outputs = []
-    batches = pipeline.eval_batches(
-        config, split, process_index=jax.process_index(), process_count=jax.process_count()
+    # Pixels, or the features of params' frozen image encoder (the cache must be built).
+    batches = feature_cache.eval_batches(
+        config,
+        split,
+        params,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     for host_batch in tqdm(batches, desc=f"eval {split}", disable=jax.process_index() != 0):
         out = jax.device_get(step_fn(params, pipeline.global_batch(host_batch, mesh)))
@@ -94,6 +104,15 @@ def evaluate_checkpoint(
     ckpts.close()
     logging.info("restored the parameters of step %d from %s", resolved, ckpts.directory)
 
+    if config.data.feature_cache.enabled:  # where missing, from the restored encoder
+        feature_cache.build(
+            config,
+            model,
+            params,
+            split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     step_fn = make_eval_step(model, config, mesh, params)
     summary = evaluate(step_fn, params, config, split, mesh)
     predictions = summary.pop("predictions")

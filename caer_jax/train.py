@@ -23,7 +23,7 @@ from tensorboardX import SummaryWriter
 
 from caer_jax import checkpoint, cli, evaluation, metrics, optim, sharding, steps
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline, prepare
+from caer_jax.data import feature_cache, pipeline, prepare
 from caer_jax.models import caer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -56,8 +56,10 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _log_param_groups(params: Any, optim_config: ml_collections.ConfigDict, workdir: Path) -> None:
-    lines = optim.describe_groups(params, optim_config)
+def _log_param_groups(params: Any, config: ml_collections.ConfigDict, workdir: Path) -> None:
+    lines = optim.describe_groups(
+        params, config.optim, freeze_image_encoder=config.model.freeze_image_encoder
+    )
     for line in lines:
         logging.info("param %s", line)
     if jax.process_index() == 0:
@@ -101,10 +103,18 @@ def _nonfinite_error(config, step: int, host_batch: dict, step_metrics: dict) ->
 
 
 def jit_train_step(
-    model, tx, *, dropout_rng, streams: str, grad_accum_steps: int, state_shardings, mesh
+    model,
+    tx,
+    *,
+    dropout_rng,
+    streams: str,
+    grad_accum_steps: int,
+    state_shardings,
+    mesh,
+    method: str | None = None,
 ):
     """steps.train_step jitted for `mesh`: state laid out by `state_shardings` (and donated),
-    batches split over the mesh, metrics replicated."""
+    batches split over the mesh, metrics replicated. `method`: as steps.train_step."""
     return jax.jit(
         functools.partial(
             steps.train_step,
@@ -113,6 +123,7 @@ def jit_train_step(
             dropout_rng=dropout_rng,
             streams=streams,
             grad_accum_steps=grad_accum_steps,
+            method=method,
         ),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -169,12 +180,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     abstract = state_lib.abstract_state(model, config, steps_per_epoch)
     state_shardings = sharding.tree_shardings(abstract, mesh)
-    tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
+    tx = optim.make_optimizer(
+        abstract.params,
+        config.optim,
+        steps_per_epoch,
+        freeze_image_encoder=config.model.freeze_image_encoder,
+    )
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
+    # Pixels, or the frozen image encoder's cached features (built here where missing).
+    cache_params = feature_cache.prepare(config, model, init_rng)
+
     def new_iterator(start_step: int):
-        return pipeline.train_iterator(
+        return feature_cache.train_iterator(
             config,
+            cache_params,
             seed=config.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -213,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         resume_step, (state, meta, train_iter, data_start) = resumed
         history, nonfinite = meta["history"], meta["skipped_nonfinite_steps"]
         logging.info("resumed from step %d in %s", resume_step, ckpts.directory)
-    _log_param_groups(state.params, config.optim, workdir)
+    _log_param_groups(state.params, config, workdir)
 
     step_fn = jit_train_step(
         model,
@@ -223,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         grad_accum_steps=config.train.grad_accum_steps,
         state_shardings=state_shardings,
         mesh=mesh,
+        method=feature_cache.apply_method(config),
     )
     eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
