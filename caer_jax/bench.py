@@ -9,6 +9,11 @@ step from XLA's cost analysis and their ratio to the matmul rate, and eval clips
 pipeline's clips/s on the embedded default's dataset; and the TFDS builder's rate on synthetic
 clips of RAER-like length (100-300 frames of 640x480), projected to the 2,700 clips of RAER.
 Step timings are medians over repeated calls after compilation, with inputs already on device.
+
+`--feature_cache` adds the frozen-encoder feature cache at the paper geometry (ViT-B/32, 16
+frames, 224 px, batch 8) on synthetic clips built here: the cache build rate (frames/s through
+the encoder) and the time of a train step, input pipeline included, from the cache and from
+pixels with the same frozen encoder, both projected to an epoch of RAER (2,160 train clips).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
 
 RAER_CLIPS = 2700
+RAER_TRAIN_CLIPS = RAER_CLIPS * 4 // 5  # train is about 4x test
 
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file too.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
@@ -47,6 +53,12 @@ _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", 4096, "Side of the reference matmul (8192 saturates an H100/H200)."
 )
 _PAPER_DTYPE = flags.DEFINE_string("paper_dtype", "float32", "Compute dtype of the ViT-B/32 run.")
+_FEATURE_CACHE = flags.DEFINE_bool(
+    "feature_cache", False, "Also measure the feature cache against pixels (frozen encoder)."
+)
+_CACHE_CLIPS = flags.DEFINE_integer("cache_clips", 12, "Synthetic clips for --feature_cache.")
+_PIXEL_STEPS = flags.DEFINE_integer("pixel_steps", 3, "Timed pixel-path steps (--feature_cache).")
+_CACHE_STEPS = flags.DEFINE_integer("cache_steps", 30, "Timed cached steps (--feature_cache).")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -179,6 +191,87 @@ def bench_build(num_clips: int) -> dict:
     return rate
 
 
+def _timed_steps(iterator, step, state, num_steps: int) -> tuple[float, object]:
+    """Seconds per train step, next batch included, after one untimed (compiling) step."""
+    state, out = step(state, next(iterator))
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        state, out = step(state, next(iterator))
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / num_steps, state
+
+
+def bench_feature_cache(
+    config: ml_collections.ConfigDict, *, num_clips: int, pixel_steps: int, cache_steps: int
+) -> dict:
+    """Feature cache vs pixels with the same frozen encoder, on synthetic clips built here."""
+    from caer_jax.data import feature_cache, prepare
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        config.model.clip.source = "random"
+        config.model.freeze_image_encoder = True
+        config.data.rotation_degrees = 0.0  # uncacheable; off on both paths alike
+        config.data.data_dir = str(Path(tmp) / "tfds")
+        config.data.synthetic.enabled = True
+        config.data.synthetic.manual_dir = str(Path(tmp) / "raer")
+        config.data.synthetic.num_clips = num_clips
+        config.data.feature_cache.dir = str(Path(tmp) / "cache")
+        prepare.prepare_data(config)
+        model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+        params = caer.init_params(model, config.model, jax.random.key(0))
+        start = time.perf_counter()
+        directory = feature_cache.build(
+            config, model, params, config.data.train_split, process_index=0, process_count=1
+        )
+        build_s = time.perf_counter() - start
+        frames = sum(
+            len(r["face"])
+            for r in feature_cache.FeatureSource(
+                directory, json.loads((directory / feature_cache.INFO_FILE).read_text())["key"]
+            )
+        ) * len(feature_cache.views(config.data.feature_cache.flipped))
+        tx = optim.make_optimizer(params, config.optim, 100, freeze_image_encoder=True)
+        seconds = {}
+        for path, enabled, num_steps in (
+            ("pixels", False, pixel_steps),
+            ("cache", True, cache_steps),
+        ):
+            config.data.feature_cache.enabled = enabled
+            step = jax.jit(
+                functools.partial(
+                    steps.train_step,
+                    model=model,
+                    tx=tx,
+                    dropout_rng=jax.random.key(1),
+                    streams=config.model.streams,
+                    method=feature_cache.apply_method(config),
+                ),
+                donate_argnums=0,
+            )
+            iterator = feature_cache.train_iterator(
+                config, params, seed=0, process_index=0, process_count=1
+            )
+            seconds[path], _ = _timed_steps(iterator, step, state_lib.create(params, tx), num_steps)
+            iterator.close()
+    steps_per_epoch = RAER_TRAIN_CLIPS // config.train.batch_size
+    return {
+        "image_size": config.data.image_size,
+        "frames_per_clip": config.data.num_segments,
+        "batch_clips": config.train.batch_size,
+        "flipped": config.data.feature_cache.flipped,
+        "build_frames": frames,
+        "build_frames_per_s": frames / build_s,
+        "pixel_step_s": seconds["pixels"],
+        "cache_step_s": seconds["cache"],
+        "raer_steps_per_epoch": steps_per_epoch,
+        "pixel_epoch_s": seconds["pixels"] * steps_per_epoch,
+        "cache_epoch_s": seconds["cache"] * steps_per_epoch,
+        "epoch_speedup": seconds["pixels"] / seconds["cache"],
+    }
+
+
 def host_allocator() -> str:
     """Which malloc this process runs on: jemalloc (preloaded by launch/with_jemalloc.sh) or the
     system's. Recorded with the figures: on CPU it moves the paper-geometry step by 10-30 %."""
@@ -218,6 +311,13 @@ def run(argv=()) -> None:
         results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
     if _BUILD_CLIPS.value and not _SKIP_DATA.value:
         results["build_224px"] = bench_build(_BUILD_CLIPS.value)
+    if _FEATURE_CACHE.value:
+        results["feature_cache"] = bench_feature_cache(
+            clip_caer_b32.get_config(),
+            num_clips=_CACHE_CLIPS.value,
+            pixel_steps=_PIXEL_STEPS.value,
+            cache_steps=_CACHE_STEPS.value,
+        )
     print(
         f"device {results['device']} x{results['num_devices']} ({results['host_allocator']} "
         f"malloc): matmul {peak / 1e9:.1f} GFLOP/s"
@@ -245,6 +345,16 @@ def run(argv=()) -> None:
             f"  builder: {b['clips_per_s']:.2f} clips/s, {b['frames_per_s']:.0f} frames/s, "
             f"{b['write_MB_per_s']:.1f} MB/s written at 224 px; 2,700 RAER clips in about "
             f"{b['projected_raer_minutes']:.0f} min"
+        )
+    if "feature_cache" in results:
+        f = results["feature_cache"]
+        print(
+            f"    cache: built {f['build_frames_per_s']:.1f} frames/s (ViT-B/32, "
+            f"{f['image_size']} px, flips {'on' if f['flipped'] else 'off'}); train step "
+            f"{f['cache_step_s'] * 1e3:.1f} ms from the cache vs {f['pixel_step_s']:.2f} s from "
+            f"pixels (frozen encoder, batch {f['batch_clips']} x {f['frames_per_clip']} frames, "
+            f"input included): a RAER epoch in {f['cache_epoch_s']:.0f} s vs "
+            f"{f['pixel_epoch_s'] / 60:.0f} min, {f['epoch_speedup']:.0f}x"
         )
     if _OUT.value:
         with open(_OUT.value, "w") as f:

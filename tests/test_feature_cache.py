@@ -247,3 +247,38 @@ def test_frozen_encoder_gets_no_update_and_no_optimizer_state(built):
     assert not np.array_equal(
         new.params["temporal_face"]["cls_token"], params["temporal_face"]["cls_token"]
     )
+
+
+def test_training_from_the_cache_equals_training_on_pixels_with_a_frozen_encoder(tmp_path):
+    """train_and_evaluate end to end, 8 devices: the same losses, selection and test predictions,
+    and the frozen encoder is the one in the checkpoint."""
+    import csv
+
+    import tiny_runs
+
+    from caer_jax import checkpoint, train
+
+    settings = tiny_runs.overrides(tmp_path, num_clips=24)
+    runs = {}
+    for enabled in (False, True):
+        config = tiny_runs.config(settings, "feature_cache")
+        config.data.feature_cache.enabled = enabled
+        workdir = tmp_path / f"cache_{enabled}"
+        summary = train.train_and_evaluate(config, workdir)
+        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+        meta = ckpts.read_meta(ckpts.manager.latest_step())
+        ckpts.close()
+        with open(workdir / "predictions.csv") as f:
+            rows = list(csv.reader(f))[1:]
+        runs[enabled] = (summary, meta["history"], rows)
+    (pixels, pixel_history, pixel_rows), (cached, cache_history, cache_rows) = runs.values()
+    assert cached["uar"] == pixels["uar"] and cached["war"] == pixels["war"]
+    for a, b in zip(cache_history, pixel_history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["uar"] == b["uar"]
+    assert [r[:3] for r in cache_rows] == [r[:3] for r in pixel_rows]
+    probs = lambda rows: np.array([[float(x) for x in r[3:]] for r in rows])  # noqa: E731
+    np.testing.assert_allclose(probs(cache_rows), probs(pixel_rows), atol=1e-3)
+    groups = (tmp_path / "cache_True" / "param_groups.txt").read_text()
+    assert "image_encoder/conv1/kernel" in groups
+    assert all("group=frozen" in line for line in groups.splitlines() if "image_encoder" in line)
