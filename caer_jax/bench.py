@@ -56,8 +56,8 @@ _PAPER_DTYPE = flags.DEFINE_string("paper_dtype", "float32", "Compute dtype of t
 _FEATURE_CACHE = flags.DEFINE_bool(
     "feature_cache", False, "Also measure the feature cache against pixels (frozen encoder)."
 )
-_CACHE_CLIPS = flags.DEFINE_integer("cache_clips", 12, "Synthetic clips for --feature_cache.")
-_PIXEL_STEPS = flags.DEFINE_integer("pixel_steps", 3, "Timed pixel-path steps (--feature_cache).")
+_CACHE_CLIPS = flags.DEFINE_integer("cache_clips", 10, "Synthetic clips for --feature_cache.")
+_PIXEL_STEPS = flags.DEFINE_integer("pixel_steps", 2, "Timed pixel-path steps (--feature_cache).")
 _CACHE_STEPS = flags.DEFINE_integer("cache_steps", 30, "Timed cached steps (--feature_cache).")
 
 
@@ -205,19 +205,34 @@ def _timed_steps(iterator, step, state, num_steps: int) -> tuple[float, object]:
 def bench_feature_cache(
     config: ml_collections.ConfigDict, *, num_clips: int, pixel_steps: int, cache_steps: int
 ) -> dict:
-    """Feature cache vs pixels with the same frozen encoder, on synthetic clips built here."""
-    from caer_jax.data import feature_cache, prepare
+    """Feature cache vs pixels with the same frozen encoder, on synthetic clips built here.
+
+    The clips are num_segments frames long and flips are off on both paths (flipped features
+    double the build, frame for frame, and change no step): the build rate is per frame, and a
+    step costs the same for any clip length.
+    """
+    from caer_jax.data import feature_cache, prepare, synthetic
 
     config = ml_collections.ConfigDict(config.to_dict())
     with tempfile.TemporaryDirectory() as tmp:
         config.model.clip.source = "random"
         config.model.freeze_image_encoder = True
         config.data.rotation_degrees = 0.0  # uncacheable; off on both paths alike
+        config.data.flip_prob = 0.0
+        config.data.feature_cache.flipped = False
         config.data.data_dir = str(Path(tmp) / "tfds")
         config.data.synthetic.enabled = True
         config.data.synthetic.manual_dir = str(Path(tmp) / "raer")
         config.data.synthetic.num_clips = num_clips
         config.data.feature_cache.dir = str(Path(tmp) / "cache")
+        length = config.data.num_segments
+        synthetic.generate(
+            config.data.synthetic.manual_dir,
+            num_clips=num_clips,
+            seed=0,
+            min_frames=length,
+            max_frames=length,
+        )
         prepare.prepare_data(config)
         model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
         params = caer.init_params(model, config.model, jax.random.key(0))
@@ -226,12 +241,11 @@ def bench_feature_cache(
             config, model, params, config.data.train_split, process_index=0, process_count=1
         )
         build_s = time.perf_counter() - start
-        frames = sum(
-            len(r["face"])
-            for r in feature_cache.FeatureSource(
-                directory, json.loads((directory / feature_cache.INFO_FILE).read_text())["key"]
-            )
-        ) * len(feature_cache.views(config.data.feature_cache.flipped))
+        info = json.loads((directory / feature_cache.INFO_FILE).read_text())
+        source = feature_cache.FeatureSource(directory, info["key"])
+        frames = int(source.num_frames.sum()) * len(
+            feature_cache.views(config.data.feature_cache.flipped)
+        )
         tx = optim.make_optimizer(params, config.optim, 100, freeze_image_encoder=True)
         seconds = {}
         for path, enabled, num_steps in (
@@ -247,8 +261,7 @@ def bench_feature_cache(
                     dropout_rng=jax.random.key(1),
                     streams=config.model.streams,
                     method=feature_cache.apply_method(config),
-                ),
-                donate_argnums=0,
+                )
             )
             iterator = feature_cache.train_iterator(
                 config, params, seed=0, process_index=0, process_count=1

@@ -307,6 +307,8 @@ class FeatureSource:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of a feature cache of {len(self)} clips")
         record = {
             v: np.frombuffer(source[index], np.float32).reshape(-1, self.feature_dim)
             for v, source in self._views.items()
