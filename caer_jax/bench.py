@@ -9,6 +9,11 @@ step from XLA's cost analysis and their ratio to the matmul rate, and eval clips
 pipeline's clips/s on the embedded default's dataset; and the TFDS builder's rate on synthetic
 clips of RAER-like length (100-300 frames of 640x480), projected to the 2,700 clips of RAER.
 Step timings are medians over repeated calls after compilation, with inputs already on device.
+
+`--feature_cache` adds the frozen-encoder feature cache at the paper geometry (ViT-B/32, 16
+frames, 224 px, batch 8) on synthetic clips built here: the cache build rate (frames/s through
+the encoder) and the time of a train step, input pipeline included, from the cache and from
+pixels with the same frozen encoder, both projected to an epoch of RAER (2,160 train clips).
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from caer_jax import bench_end_to_end, cli, compilation, errors, profiling, sharding
+from caer_jax import bench_end_to_end, cli, compilation, errors, optim, profiling, sharding, steps
+from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import clip_caer_b32, synthetic_tiny
 
 RAER_CLIPS = 2700
+RAER_TRAIN_CLIPS = RAER_CLIPS * 4 // 5  # train is about 4x test
 
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file too.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
@@ -80,6 +87,12 @@ _E2E_REPEAT = flags.DEFINE_integer(
 _E2E_PIPELINE_BATCHES = flags.DEFINE_integer(
     "e2e_pipeline_batches", 8, "End to end: batches timed per pipeline worker count."
 )
+_FEATURE_CACHE = flags.DEFINE_bool(
+    "feature_cache", False, "Also measure the feature cache against pixels (frozen encoder)."
+)
+_CACHE_CLIPS = flags.DEFINE_integer("cache_clips", 10, "Synthetic clips for --feature_cache.")
+_PIXEL_STEPS = flags.DEFINE_integer("pixel_steps", 2, "Timed pixel-path steps (--feature_cache).")
+_CACHE_STEPS = flags.DEFINE_integer("cache_steps", 30, "Timed cached steps (--feature_cache).")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -275,6 +288,100 @@ def bench_build(num_clips: int) -> dict:
     return rate
 
 
+def _timed_steps(iterator, step, state, num_steps: int) -> tuple[float, object]:
+    """Seconds per train step, next batch included, after one untimed (compiling) step."""
+    state, out = step(state, next(iterator))
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        state, out = step(state, next(iterator))
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / num_steps, state
+
+
+def bench_feature_cache(
+    config: ml_collections.ConfigDict, *, num_clips: int, pixel_steps: int, cache_steps: int
+) -> dict:
+    """Feature cache vs pixels with the same frozen encoder, on synthetic clips built here.
+
+    The clips are num_segments frames long and flips are off on both paths (flipped features
+    double the build, frame for frame, and change no step): the build rate is per frame, and a
+    step costs the same for any clip length.
+    """
+    from caer_jax.data import feature_cache, prepare, synthetic
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        config.model.clip.source = "random"
+        config.model.freeze_image_encoder = True
+        config.data.rotation_degrees = 0.0  # uncacheable; off on both paths alike
+        config.data.flip_prob = 0.0
+        config.data.feature_cache.flipped = False
+        config.data.data_dir = str(Path(tmp) / "tfds")
+        config.data.synthetic.enabled = True
+        config.data.synthetic.manual_dir = str(Path(tmp) / "raer")
+        config.data.synthetic.num_clips = num_clips
+        config.data.feature_cache.dir = str(Path(tmp) / "cache")
+        length = config.data.num_segments
+        synthetic.generate(
+            config.data.synthetic.manual_dir,
+            num_clips=num_clips,
+            seed=0,
+            min_frames=length,
+            max_frames=length,
+        )
+        prepare.prepare_data(config)
+        model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+        params = caer.init_params(model, config.model, jax.random.key(0))
+        start = time.perf_counter()
+        directory = feature_cache.build(
+            config, model, params, config.data.train_split, process_index=0, process_count=1
+        )
+        build_s = time.perf_counter() - start
+        info = json.loads((directory / feature_cache.INFO_FILE).read_text())
+        source = feature_cache.FeatureSource(directory, info["key"])
+        frames = int(source.num_frames.sum()) * len(
+            feature_cache.views(config.data.feature_cache.flipped)
+        )
+        tx = optim.make_optimizer(params, config.optim, 100, freeze_image_encoder=True)
+        seconds = {}
+        for path, enabled, num_steps in (
+            ("pixels", False, pixel_steps),
+            ("cache", True, cache_steps),
+        ):
+            config.data.feature_cache.enabled = enabled
+            step = jax.jit(
+                functools.partial(
+                    steps.train_step,
+                    model=model,
+                    tx=tx,
+                    dropout_rng=jax.random.key(1),
+                    streams=config.model.streams,
+                    method=feature_cache.apply_method(config),
+                )
+            )
+            iterator = feature_cache.train_iterator(
+                config, params, seed=0, process_index=0, process_count=1
+            )
+            seconds[path], _ = _timed_steps(iterator, step, state_lib.create(params, tx), num_steps)
+            iterator.close()
+    steps_per_epoch = RAER_TRAIN_CLIPS // config.train.batch_size
+    return {
+        "image_size": config.data.image_size,
+        "frames_per_clip": config.data.num_segments,
+        "batch_clips": config.train.batch_size,
+        "flipped": config.data.feature_cache.flipped,
+        "build_frames": frames,
+        "build_frames_per_s": frames / build_s,
+        "pixel_step_s": seconds["pixels"],
+        "cache_step_s": seconds["cache"],
+        "raer_steps_per_epoch": steps_per_epoch,
+        "pixel_epoch_s": seconds["pixels"] * steps_per_epoch,
+        "cache_epoch_s": seconds["cache"] * steps_per_epoch,
+        "epoch_speedup": seconds["pixels"] / seconds["cache"],
+    }
+
+
 def host_allocator() -> str:
     """Which malloc this process runs on: jemalloc (preloaded by launch/with_jemalloc.sh) or the
     system's. Recorded with the figures: on CPU it moves the paper-geometry step by 10-30 %."""
@@ -316,6 +423,13 @@ def measure(scratch: Path, cache: Path) -> dict:
             synthetic_tiny.get_config(), 8, _REPEATS.value, functools.partial(reference, "float32")
         ),
     }
+    if _FEATURE_CACHE.value:
+        results["feature_cache"] = bench_feature_cache(
+            clip_caer_b32.get_config(),
+            num_clips=_CACHE_CLIPS.value,
+            pixel_steps=_PIXEL_STEPS.value,
+            cache_steps=_CACHE_STEPS.value,
+        )
     print(
         f"device {results['device']} x{results['num_devices']} ({results['host_allocator']} "
         f"malloc): matmul {peak / 1e9:.1f} GFLOP/s"
@@ -397,6 +511,16 @@ def report(results: dict) -> None:
             f"  builder: {b['clips_per_s']:.2f} clips/s, {b['frames_per_s']:.0f} frames/s, "
             f"{b['write_MB_per_s']:.1f} MB/s written at 224 px; 2,700 RAER clips in about "
             f"{b['projected_raer_minutes']:.0f} min"
+        )
+    if "feature_cache" in results:
+        f = results["feature_cache"]
+        print(
+            f"    cache: built {f['build_frames_per_s']:.1f} frames/s (ViT-B/32, "
+            f"{f['image_size']} px, flips {'on' if f['flipped'] else 'off'}); train step "
+            f"{f['cache_step_s'] * 1e3:.1f} ms from the cache vs {f['pixel_step_s']:.2f} s from "
+            f"pixels (frozen encoder, batch {f['batch_clips']} x {f['frames_per_clip']} frames, "
+            f"input included): a RAER epoch in {f['cache_epoch_s']:.0f} s vs "
+            f"{f['pixel_epoch_s'] / 60:.0f} min, {f['epoch_speedup']:.0f}x"
         )
 
 

@@ -315,7 +315,12 @@ def write_checkpoint(
             )
         params = jax.tree.map(jnp.asarray, params)
         # The optimizer state's structure does not depend on the schedule's steps per epoch.
-        tx = optim.make_optimizer(params, config.optim, steps_per_epoch=1)
+        tx = optim.make_optimizer(
+            params,
+            config.optim,
+            steps_per_epoch=1,
+            freeze_image_encoder=config.model.freeze_image_encoder,
+        )
         state = state_lib.create(params, tx)
         ckpts.save(state, config=config, meta=meta)
         ckpts.wait()

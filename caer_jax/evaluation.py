@@ -20,14 +20,19 @@ from tqdm import tqdm
 
 from caer_jax import checkpoint, label_sets, metrics, sharding, steps
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline, prefetch, prepare
+from caer_jax.data import feature_cache, pipeline, prefetch, prepare
 from caer_jax.models import caer
 
 
 def make_eval_step(model, config: ml_collections.ConfigDict, mesh, params: Any):
     """The jitted eval step for `params`' layout on `mesh` (build once, call every epoch)."""
     return jax.jit(
-        functools.partial(steps.eval_step, model=model, streams=config.model.streams),
+        functools.partial(
+            steps.eval_step,
+            model=model,
+            streams=config.model.streams,
+            method=feature_cache.apply_method(config),
+        ),
         in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
@@ -37,8 +42,13 @@ def predict_split(
     step_fn, params: Any, config: ml_collections.ConfigDict, split: str, mesh
 ) -> dict:
     """Class probabilities, labels and record indices of every clip of `split`, once each."""
-    host_batches = pipeline.eval_batches(
-        config, split, process_index=jax.process_index(), process_count=jax.process_count()
+    # Pixels, or the features of params' frozen image encoder (the cache must be built).
+    host_batches = feature_cache.eval_batches(
+        config,
+        split,
+        params,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     # Batches reach the devices ahead of use and outputs stay there until the split is done:
     # one transfer back instead of a sync per batch.
@@ -117,6 +127,15 @@ def evaluate_checkpoint(
         f"the dataset {config.data.tfds_name} in {config.data.data_dir or 'the TFDS default dir'}",
     )
 
+    if config.data.feature_cache.enabled:  # where missing, from the restored encoder
+        feature_cache.build(
+            config,
+            model,
+            params,
+            split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     step_fn = make_eval_step(model, config, mesh, params)
     summary = evaluate(step_fn, params, config, split, mesh)
     predictions = summary.pop("predictions")

@@ -3,7 +3,8 @@
 The authors train with torch.optim.SGD over four parameter groups with their own learning rates
 and freeze the CLIP text encoder. Here every parameter gets a group label from its top-level
 module; `optax.multi_transform` gives each group its own chain and the frozen group no update
-(and no optimizer state).
+(and no optimizer state). config.model.freeze_image_encoder puts the image encoder in the frozen
+group too (the feature cache needs its weights fixed).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ GROUP_OF_MODULE = {
 }
 
 
-def param_groups(params: Any) -> Any:
+def param_groups(params: Any, *, freeze_image_encoder: bool = False) -> Any:
     """A tree like `params` whose leaves are group names."""
 
     def group(path: tuple[str, ...], _) -> str:
         if path[0] not in GROUP_OF_MODULE:
             raise KeyError(f"parameter {'/'.join(path)} belongs to no optimizer group")
+        if freeze_image_encoder and path[0] == "image_encoder":
+            return FROZEN
         return GROUP_OF_MODULE[path[0]]
 
     flat = flax.traverse_util.flatten_dict(params)
@@ -62,10 +65,15 @@ def _group_optimizer(
 
 
 def make_optimizer(
-    params: Any, optim_config: ml_collections.ConfigDict, steps_per_epoch: int
+    params: Any,
+    optim_config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    *,
+    freeze_image_encoder: bool = False,
 ) -> optax.GradientTransformation:
-    """The multi-group optimizer; every group present in `params` needs a learning rate."""
-    labels = param_groups(params)
+    """The multi-group optimizer; every group present in `params` needs a learning rate.
+    Pass config.model.freeze_image_encoder as `freeze_image_encoder`."""
+    labels = param_groups(params, freeze_image_encoder=freeze_image_encoder)
     present = set(flax.traverse_util.flatten_dict(labels).values()) - {FROZEN}
     missing = sorted(g for g in present if g not in optim_config.lr)
     if missing:
@@ -78,9 +86,13 @@ def make_optimizer(
     return optax.multi_transform(transforms, labels)
 
 
-def describe_groups(params: Any, optim_config: ml_collections.ConfigDict) -> list[str]:
+def describe_groups(
+    params: Any, optim_config: ml_collections.ConfigDict, *, freeze_image_encoder: bool = False
+) -> list[str]:
     """One line per parameter: path, shape, group and base learning rate (for the start-up log)."""
-    labels = flax.traverse_util.flatten_dict(param_groups(params))
+    labels = flax.traverse_util.flatten_dict(
+        param_groups(params, freeze_image_encoder=freeze_image_encoder)
+    )
     lines = []
     for path, leaf in flax.traverse_util.flatten_dict(params).items():
         group = labels[path]

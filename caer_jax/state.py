@@ -48,5 +48,10 @@ def abstract_state(
 ) -> TrainState:
     """ShapeDtypeStructs of the whole state: the restore target of a checkpoint."""
     params = abstract_params(model, config)
-    tx = optim.make_optimizer(params, config.optim, steps_per_epoch)
+    tx = optim.make_optimizer(
+        params,
+        config.optim,
+        steps_per_epoch,
+        freeze_image_encoder=config.model.freeze_image_encoder,
+    )
     return jax.eval_shape(lambda p: create(p, tx), params)

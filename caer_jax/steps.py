@@ -51,6 +51,7 @@ def train_step(
     dropout_rng: jax.Array,
     streams: str,
     grad_accum_steps: int = 1,
+    method: str | None = None,
 ) -> tuple[state_lib.TrainState, dict]:
     """One optimizer step on a global batch; returns the new state and the batch's metrics.
 
@@ -61,6 +62,8 @@ def train_step(
     so switching accumulation on changes the dropout draws (not their distribution), and a run
     is reproducible for a given A.
 
+    `method` None applies the model to pixels; "from_features" to cached per-frame features.
+
     A step whose loss or gradient is not finite leaves parameters and optimizer state as they
     were (the step counter still advances, keeping it aligned with the data); `finite` in the
     metrics tells the host, which stops or counts it (config.train.skip_nonfinite).
@@ -70,7 +73,7 @@ def train_step(
     def loss_fn(params, micro, key):
         face, context = stream_inputs(micro, streams)
         logits, _ = model.apply(
-            {"params": params}, face, context, train=True, rngs={"dropout": key}
+            {"params": params}, face, context, train=True, rngs={"dropout": key}, method=method
         )
         accuracy = jnp.mean(jnp.argmax(logits, -1) == micro["label"])
         return cross_entropy(logits, micro["label"]), accuracy
@@ -104,10 +107,10 @@ def train_step(
     return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
 
 
-def eval_step(params: Any, batch: dict, *, model, streams: str) -> dict:
+def eval_step(params: Any, batch: dict, *, model, streams: str, method: str | None = None) -> dict:
     """Class probabilities of a padded eval batch, with what is needed to drop the padding."""
     face, context = stream_inputs(batch, streams)
-    logits, _ = model.apply({"params": params}, face, context, train=False)
+    logits, _ = model.apply({"params": params}, face, context, train=False, method=method)
     return {
         "probs": jax.nn.softmax(logits, axis=-1),
         "label": batch["label"],

@@ -36,7 +36,7 @@ from caer_jax import (
     steps,
 )
 from caer_jax import state as state_lib
-from caer_jax.data import pipeline, prefetch, prepare
+from caer_jax.data import feature_cache, pipeline, prefetch, prepare
 from caer_jax.models import caer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -69,8 +69,10 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _log_param_groups(params: Any, optim_config: ml_collections.ConfigDict, workdir: Path) -> None:
-    lines = optim.describe_groups(params, optim_config)
+def _log_param_groups(params: Any, config: ml_collections.ConfigDict, workdir: Path) -> None:
+    lines = optim.describe_groups(
+        params, config.optim, freeze_image_encoder=config.model.freeze_image_encoder
+    )
     for line in lines:
         logging.info("param %s", line)
     if jax.process_index() == 0:
@@ -152,10 +154,18 @@ def _write_speed(timer: host_loop.LoopTimer, workdir: Path) -> None:
 
 
 def jit_train_step(
-    model, tx, *, dropout_rng, streams: str, grad_accum_steps: int, state_shardings, mesh
+    model,
+    tx,
+    *,
+    dropout_rng,
+    streams: str,
+    grad_accum_steps: int,
+    state_shardings,
+    mesh,
+    method: str | None = None,
 ):
     """steps.train_step jitted for `mesh`: state laid out by `state_shardings` (and donated),
-    batches split over the mesh, metrics replicated."""
+    batches split over the mesh, metrics replicated. `method`: as steps.train_step."""
     return jax.jit(
         functools.partial(
             steps.train_step,
@@ -164,6 +174,7 @@ def jit_train_step(
             dropout_rng=dropout_rng,
             streams=streams,
             grad_accum_steps=grad_accum_steps,
+            method=method,
         ),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -189,7 +200,12 @@ class TrainingSetup:
         init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
         abstract = state_lib.abstract_state(model, config, steps_per_epoch)
         state_shardings = sharding.tree_shardings(abstract, mesh)
-        tx = optim.make_optimizer(abstract.params, config.optim, steps_per_epoch)
+        tx = optim.make_optimizer(
+            abstract.params,
+            config.optim,
+            steps_per_epoch,
+            freeze_image_encoder=config.model.freeze_image_encoder,
+        )
         step_fn = jit_train_step(
             model,
             tx,
@@ -198,6 +214,7 @@ class TrainingSetup:
             grad_accum_steps=config.train.grad_accum_steps,
             state_shardings=state_shardings,
             mesh=mesh,
+            method=feature_cache.apply_method(config),
         )
         eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
         return cls(model, tx, abstract, state_shardings, step_fn, eval_fn, init_rng)
@@ -268,9 +285,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     setup = TrainingSetup.create(config, model, mesh, steps_per_epoch)
     abstract, state_shardings = setup.abstract, setup.state_shardings
 
+    # Pixels, or the frozen image encoder's cached features (built here where missing).
+    cache_params = feature_cache.prepare(config, model, setup.init_rng)
+
     def new_iterator(start_step: int) -> prefetch.DevicePrefetch:
-        host_iterator = pipeline.train_iterator(
+        host_iterator = feature_cache.train_iterator(
             config,
+            cache_params,
             seed=config.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -309,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         resume_step, (state, meta, train_iter, data_start) = resumed
         history, nonfinite = meta["history"], meta["skipped_nonfinite_steps"]
         logging.info("resumed from step %d in %s", resume_step, ckpts.directory)
-    _log_param_groups(state.params, config.optim, workdir)
+    _log_param_groups(state.params, config, workdir)
 
     step_fn, eval_fn = setup.step_fn, setup.eval_fn
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None

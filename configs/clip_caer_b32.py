@@ -5,7 +5,9 @@
 
 Variants through the config argument: `configs/clip_caer_b32.py:face` (face stream only, the
 DFER-CLIP-like ablation), `:context` (context only), `:validation` (honest model selection on a
-validation split carved from train instead of the authors' test-set selection).
+validation split carved from train instead of the authors' test-set selection), `:feature_cache`
+(frozen image encoder, train and evaluate from its cached features; no rotation). Variants
+combine: `:face,feature_cache`.
 """
 
 import ml_collections
@@ -38,6 +40,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.synthetic.manual_dir = ""
     c.data.synthetic.num_clips = 0
     c.data.synthetic.seed = 0
+    # Train and evaluate from per-frame features of the frozen image encoder, computed once per
+    # split and stream (caer_jax/data/feature_cache.py), instead of from pixels: the same frames
+    # and flips, the ViT run once per stored frame rather than every step. Needs
+    # model.freeze_image_encoder=True and rotation_degrees=0: a rotation is drawn per clip and
+    # changes the pixels before the encoder, so it cannot be cached (the `feature_cache` variant
+    # sets all three).
+    c.data.feature_cache = ml_collections.ConfigDict()
+    c.data.feature_cache.enabled = False
+    c.data.feature_cache.dir = ""  # empty: <dataset folder>/feature_cache/<encoder fingerprint>
+    # Also cache every frame flipped (twice the build time and disk): then flip_prob > 0 is
+    # reproduced exactly; with flipped=False flip_prob must be 0.
+    c.data.feature_cache.flipped = True
+    c.data.feature_cache.clips_per_chunk = 64  # clips per file: the unit of work and of resuming
+    c.data.feature_cache.frames_per_batch = 64  # frames per encoder call while building
 
     c.model = ml_collections.ConfigDict()
     c.model.streams = "both"  # face | context | both
@@ -49,6 +65,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # a label set JSON file. The dataset must be built with the same set (builder option
     # label_set); a checkpoint keeps its class names and evaluates only data of the same classes.
     c.model.label_set = "raer5"
+    # True: the CLIP image encoder is not trained (no updates, no optimizer state, no backward
+    # pass through it), as the text encoder; the authors fine-tune it. data.feature_cache needs it.
+    c.model.freeze_image_encoder = False
     c.model.clip = ml_collections.ConfigDict()
     # "random" (geometry below, offline tokenizer), a Hugging Face hub id or folder,
     # a flax_model.msgpack, or an OpenAI CLIP .pt/.pth state dict.
@@ -123,8 +142,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.model.streams = variant
         elif variant == "validation":
             c.train.selection_split = "validation"
+        elif variant == "feature_cache":
+            c.model.freeze_image_encoder = True
+            c.data.feature_cache.enabled = True
+            c.data.rotation_degrees = 0.0
         else:
             raise ValueError(
-                f"unknown variant {variant!r} of clip_caer_b32 (face, context, validation)"
+                f"unknown variant {variant!r} of clip_caer_b32 "
+                "(face, context, validation, feature_cache)"
             )
     return c

@@ -100,7 +100,7 @@ def _local_batch_size(global_batch_size: int, process_count: int, field: str) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class _ClipLoader:
+class ClipLoader:
     """Record -> model inputs: sample frames, decode them, transform them."""
 
     num_segments: int
@@ -110,13 +110,35 @@ class _ClipLoader:
     flip_prob: float
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> _ClipLoader:
+    def from_config(cls, config: ml_collections.ConfigDict) -> ClipLoader:
         d = config.data
         return cls(d.num_segments, d.duration, d.image_size, d.rotation_degrees, d.flip_prob)
 
     @property
     def num_frames_out(self) -> int:
         return self.num_segments * self.duration
+
+    def sample(
+        self, num_frames: int, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, dict[str, augment.Draw]]:
+        """The frames of a clip the model sees and each stream's augmentation draw.
+
+        `rng` None: eval sampling, no augmentation; else train sampling and one draw/stream.
+        The feature cache samples through this too, so both paths see the same frames and flips.
+        """
+        if rng is None:
+            offsets = sampling.eval_indices(num_frames, self.num_segments, self.duration)
+        else:
+            offsets = sampling.train_indices(num_frames, self.num_segments, self.duration, rng)
+        frames = sampling.frame_indices(offsets, self.duration, num_frames)
+        # Same order of draws every time: offsets, then face, then context.
+        draws = {
+            stream: augment.IDENTITY
+            if rng is None
+            else augment.random_draw(rng, self.rotation_degrees, self.flip_prob)
+            for stream in STREAMS
+        }
+        return frames, draws
 
     def load(self, record: dict, index: int, rng: np.random.Generator | None) -> dict:
         """`rng` None: eval sampling, no augmentation; else train sampling and one draw/stream."""
@@ -126,19 +148,10 @@ class _ClipLoader:
                 f"record {index} ({_text(record['video_id'])}): {num_frames} face frames and "
                 f"{len(record['context'])} context frames; expected the same non-zero number"
             )
-        if rng is None:
-            offsets = sampling.eval_indices(num_frames, self.num_segments, self.duration)
-        else:
-            offsets = sampling.train_indices(num_frames, self.num_segments, self.duration, rng)
-        frames = sampling.frame_indices(offsets, self.duration, num_frames)
+        frames, draws = self.sample(num_frames, rng)
         out = {}
         for stream in STREAMS:
-            # Same order of draws every time: offsets, then face, then context.
-            draw = (
-                augment.IDENTITY
-                if rng is None
-                else augment.random_draw(rng, self.rotation_degrees, self.flip_prob)
-            )
+            draw = draws[stream]
             encoded = record[stream]
             images = [augment.decode_image(encoded[t]) for t in frames]
             # uint8 all the way to the device (the jitted step makes them float).
@@ -272,6 +285,8 @@ def train_iterator(
     process_index: int,
     process_count: int,
     start_step: int = 0,
+    source: Any = None,
+    loader: Any = None,
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's train batches, from global batch `start_step`.
 
@@ -279,11 +294,12 @@ def train_iterator(
     config.train.batch_size // process_count clips. Checkpoint with `get_state()` and resume with
     `set_state(state)` on an iterator made with the same arguments; or, with any process count,
     make a new one at the step to resume from (the global batches are the same).
+    `source` and `loader` replace the TFDS records and the ClipLoader (the feature cache's).
     """
     start_epoch, first_step = divmod(start_step, steps_per_epoch(config))
     element = _TrainElement(
-        data_source(config, config.data.train_split),
-        _ClipLoader.from_config(config),
+        data_source(config, config.data.train_split) if source is None else source,
+        ClipLoader.from_config(config) if loader is None else loader,
         seed=seed,
         global_batch=config.train.batch_size,
         process_index=process_index,
@@ -297,13 +313,19 @@ def train_iterator(
 
 
 def eval_batches(
-    config: ml_collections.ConfigDict, split: str, *, process_index: int, process_count: int
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    source: Any = None,
+    loader: Any = None,
 ) -> Iterator[dict]:
-    """This process's eval batches of `split`: every clip once over all processes, padded."""
-    source = data_source(config, split)
+    """This process's eval batches of `split`: every clip once over all processes, padded.
+    `source` and `loader` as in train_iterator."""
     element = _EvalElement(
-        source,
-        _ClipLoader.from_config(config),
+        data_source(config, split) if source is None else source,
+        ClipLoader.from_config(config) if loader is None else loader,
         global_batch=config.train.eval_batch_size,
         process_index=process_index,
         process_count=process_count,

@@ -187,6 +187,7 @@ class CLIPCAER(nn.Module):
     temporal_dropout: float = 0.1
     temporal_init_std: float = 1.0
     pixel_normalization: str = "none"
+    freeze_image_encoder: bool = False
     logit_scale: float = 100.0
     dtype: Any = jnp.float32
     remat: bool = False
@@ -244,26 +245,40 @@ class CLIPCAER(nn.Module):
         feats = self.text_encoder.encode(self.prompt_embeddings(), jnp.asarray(self._eot))
         return _l2_normalize(feats.astype(jnp.float32))
 
-    def __call__(
-        self, face: jax.Array | None, context: jax.Array | None, train: bool = False
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _needed_streams(self, face: Any, context: Any) -> tuple[str, ...]:
         need = {"face": ("face",), "context": ("context",), "both": ("face", "context")}
         clips = {"face": face, "context": context}
         for s in need[self.streams]:
             if clips[s] is None:
                 raise ValueError(f"streams={self.streams!r} needs the {s} clip, got None")
-        used = [clips[s] for s in need[self.streams]]
-        b, t = used[0].shape[:2]
-        # One pass of the shared image encoder over all frames of all used streams.
-        frames = jnp.concatenate([c.reshape(-1, *c.shape[2:]) for c in used], axis=0)
+        return need[self.streams]
+
+    def encode_frames(self, pixels: jax.Array) -> jax.Array:
+        """Frames [..., H, W, 3] -> image features [..., embed_dim] (the shared CLIP encoder).
+
+        uint8 pixels become float32 in [0, 1] (x / 255) here, inside the jitted step; float
+        pixels are taken as already in [0, 1]. Then the optional CLIP mean/std normalisation.
+        The feature cache calls this method, so cached and pixel paths share it exactly.
+        """
+        lead = pixels.shape[:-3]
+        frames = pixels.reshape(-1, *pixels.shape[-3:])
         frames = pixels_to_unit_range(frames)
         if self.pixel_normalization == "clip":
             frames = (frames - jnp.asarray(CLIP_PIXEL_MEAN)) / jnp.asarray(CLIP_PIXEL_STD)
-        feats = self.image_encoder(frames).reshape(len(used), b, t, -1)
+        feats = self.image_encoder(frames)
+        return feats.reshape(*lead, feats.shape[-1])
+
+    def from_features(
+        self, face_feats: jax.Array | None, context_feats: jax.Array | None, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Per-frame image features [B, T, D] of each used stream -> (logits, aux): the temporal
+        nets, fusion and the prompts; everything of the model after the image encoder."""
+        used = self._needed_streams(face_feats, context_feats)
+        feats = {"face": face_feats, "context": context_feats}
         video = []
-        for i, s in enumerate(need[self.streams]):
+        for s in used:
             net = self.temporal_face if s == "face" else self.temporal_context
-            video.append(net(feats[i], train))
+            video.append(net(feats[s], train))
         if self.streams == "both":
             v = self.project_fc(jnp.concatenate(video, axis=-1))
         else:
@@ -272,6 +287,19 @@ class CLIPCAER(nn.Module):
         text = self.text_features()
         logits = self.logit_scale * v @ text.T
         return logits, {"video_features": v, "text_features": text}
+
+    def __call__(
+        self, face: jax.Array | None, context: jax.Array | None, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        used = self._needed_streams(face, context)
+        clips = {"face": face, "context": context}
+        # One pass of the shared image encoder over all frames of all used streams.
+        feats = self.encode_frames(jnp.concatenate([clips[s] for s in used], axis=0))
+        if self.freeze_image_encoder:
+            # As the frozen text embeddings: no gradient, hence no backward pass, through it.
+            feats = jax.lax.stop_gradient(feats)
+        parts = dict(zip(used, jnp.split(feats, len(used), axis=0), strict=True))
+        return self.from_features(parts.get("face"), parts.get("context"), train)
 
 
 # OpenAI CLIP's input normalisation, applied when config.model.pixel_normalization == "clip".
@@ -358,6 +386,7 @@ def build_model(
         temporal_dropout=model_cfg.temporal.dropout,
         temporal_init_std=model_cfg.temporal.init_std,
         pixel_normalization=model_cfg.pixel_normalization,
+        freeze_image_encoder=model_cfg.freeze_image_encoder,
         logit_scale=model_cfg.logit_scale,
         dtype=clip_lib.dtype_from_name(model_cfg.dtype),
         remat=model_cfg.remat,
