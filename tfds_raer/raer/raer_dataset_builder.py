@@ -132,7 +132,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "Face and context crops per frame, JPEG, ArrayRecord by default.",
         "2.0.0": "Face crops at their source size (the pipeline rotates, then resizes, as the "
         "authors); context letterboxed with OpenCV as the authors; JPEG quality 95 by default "
-        "or PNG (image_format); class names from the label set (label_set).",
+        "or PNG (image_format); class names from the label set (label_set); frames stored as "
+        "Sequence(Image) features (same records as Video), readable without TensorFlow.",
     }
     BUILDER_CONFIGS = [
         _make_config(224, "224x224 crops, the paper's setting."),
@@ -211,10 +212,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "video_id": tfds.features.Text(),
                 "label": tfds.features.ClassLabel(names=self.label_set.class_names),
                 "num_frames": tfds.features.Scalar(dtype=np.int32),
-                # Face frames keep their source size, which varies from frame to frame:
-                # read them with tfds.data_source, or with SkipDecoding in as_dataset.
-                "face": tfds.features.Video((None, None, None, 3), encoding_format=fmt),
-                "context": tfds.features.Video((None, s, s, 3), encoding_format=fmt),
+                # Frames as a sequence of encoded images (stored exactly as tfds.features.Video
+                # stores them, but Video needs TensorFlow merely to be constructed, and every
+                # reader constructs the features: training on an accelerator host without
+                # TensorFlow would fail). Face frames keep their source size, which varies from
+                # frame to frame: read them with tfds.data_source, or with SkipDecoding in
+                # as_dataset.
+                "face": _frames((None, None, 3), fmt),
+                "context": _frames((s, s, 3), fmt),
                 "face_box_found": tfds.features.Sequence(tfds.features.Scalar(dtype=np.bool_)),
                 "annotation": tfds.features.Text(),
             }
@@ -301,12 +306,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         _report(self.name, self.builder_config.name, split, stats)
 
 
+def _frames(frame_shape: tuple, encoding_format: str) -> tfds.features.Sequence:
+    return tfds.features.Sequence(
+        tfds.features.Image(shape=frame_shape, encoding_format=encoding_format)
+    )
+
+
 class SkipFrameDecoding(tfds.decode.SkipDecoding):
-    """Leaves a Video feature's frames encoded (JPEG or PNG bytes), for
+    """Leaves a frame sequence's frames encoded (JPEG or PNG bytes), for
     `tfds.data_source(..., decoders=...)`.
 
     `tfds.decode.SkipDecoding` works with `tfds.load`/`as_dataset` (TF) but fails on the NumPy
-    path of `tfds.data_source` for sequence features such as Video (TFDS 4.9.10 has no
+    path of `tfds.data_source` for sequence features such as ours (TFDS 4.9.10 has no
     `decode_batch_example_np` there). With this decoder `example["face"]` is a 1-D object array
     of per-frame encoded bytes, so a pipeline decodes only the frames it samples.
     """
