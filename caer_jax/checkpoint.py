@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import caer_jax
-from caer_jax import errors, prompts
+from caer_jax import errors, label_sets
 from caer_jax.state import TrainState
 
 SELECTION_METRIC = "uar"
@@ -64,7 +64,9 @@ def prompt_record(model_cfg: ml_collections.ConfigDict, token_ids: Any) -> dict:
     that evaluation, prediction and a resume rebuild the model without a tokenizer."""
     return {
         "text_type": model_cfg.prompt.text_type,
-        "class_texts": list(prompts.class_texts(model_cfg.prompt.text_type)),
+        "class_texts": list(
+            label_sets.load(model_cfg.label_set).class_texts(model_cfg.prompt.text_type)
+        ),
         "token_ids": np.asarray(token_ids).tolist(),
     }
 
