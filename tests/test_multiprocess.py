@@ -7,7 +7,6 @@ The synthetic dataset has 42 clips: 33 train (4 steps of 8, one clip dropped) an
 eval batch of 8 leaves a last batch of 1 clip and 7 padding rows.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -90,27 +89,13 @@ def saved_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def read_predictions(path: Path) -> dict:
-    with open(path) as f:
-        return {row["video_id"]: row for row in csv.DictReader(f)}
-
-
-def probabilities(predictions: dict) -> np.ndarray:
-    return np.array(
-        [
-            [float(v) for k, v in row.items() if k.startswith("p_")]
-            for _, row in sorted(predictions.items())
-        ]
-    )
-
-
 def assert_same_results(results: dict, ours: Path, theirs: Path, what: str) -> None:
     """The in-process run's `results` and predictions in `ours` match the run in `theirs`."""
     metrics = json.loads((theirs / "metrics.json").read_text())
     for key in ("uar", "war", "num_clips", "confusion_matrix"):
         assert metrics[key] == results[key], key
-    our_probs = probabilities(read_predictions(ours / "predictions.csv"))
-    their_probs = probabilities(read_predictions(theirs / "predictions.csv"))
+    our_probs = tiny_runs.probabilities(tiny_runs.read_predictions(ours / "predictions.csv"))
+    their_probs = tiny_runs.probabilities(tiny_runs.read_predictions(theirs / "predictions.csv"))
     print(f"{what}: max |d prob| {np.max(np.abs(our_probs - their_probs)):.2e}")
     np.testing.assert_allclose(our_probs, their_probs, rtol=0, atol=PROB_TOL)
 
@@ -144,7 +129,7 @@ def test_two_processes_train_checkpoint_and_evaluate(two_process_run):
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["num_clips"] == NUM_TEST
     assert sum(row["support"] for row in metrics["per_class"].values()) == NUM_TEST
-    predictions = read_predictions(workdir / "predictions.csv")
+    predictions = tiny_runs.read_predictions(workdir / "predictions.csv")
     assert sorted(predictions) == sorted(test_ids)  # every test clip once
     assert saved_steps(workdir) == [2, 4]
     assert list((workdir / "tensorboard").iterdir())  # written by process 0
@@ -177,7 +162,9 @@ def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatc
     config, root, workdir, test_ids = two_process_run
     local_sh(root, "caer_jax.eval", workdir, "--step=latest")
     reference = json.loads((workdir / "metrics.json").read_text())
-    reference_probs = probabilities(read_predictions(workdir / "predictions.csv"))
+    reference_probs = tiny_runs.probabilities(
+        tiny_runs.read_predictions(workdir / "predictions.csv")
+    )
     assert reference["num_clips"] == NUM_TEST and reference["step"] == 4
     for count in (1, 2, 8):
         on_devices(monkeypatch, count)
@@ -185,6 +172,8 @@ def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatc
         assert summary["num_clips"] == NUM_TEST, count
         for key in ("uar", "war", "confusion_matrix"):
             assert summary[key] == reference[key], (count, key)
-        predictions = read_predictions(workdir / "predictions.csv")
+        predictions = tiny_runs.read_predictions(workdir / "predictions.csv")
         assert sorted(predictions) == sorted(test_ids)
-        np.testing.assert_allclose(probabilities(predictions), reference_probs, atol=PROB_TOL)
+        np.testing.assert_allclose(
+            tiny_runs.probabilities(predictions), reference_probs, atol=PROB_TOL
+        )

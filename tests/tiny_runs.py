@@ -2,12 +2,14 @@
 
 A run is described once as config overrides ("data.synthetic.num_clips": 40, ...), which give the
 in-process ConfigDict (`config`) and the same settings as command-line flags (`flags`) for runs
-in subprocesses.
+in subprocesses. `read_predictions` and `probabilities` read a run's predictions.csv.
 """
 
+import csv
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 from configs import synthetic_tiny
 
@@ -39,3 +41,19 @@ def config(settings: dict, variant: str = "") -> ml_collections.ConfigDict:
 
 def flags(settings: dict) -> list[str]:
     return [f"--config.{key}={value}" for key, value in settings.items()]
+
+
+def read_predictions(path: Path) -> dict:
+    """predictions.csv: its rows by video_id."""
+    with open(path) as f:
+        return {row["video_id"]: row for row in csv.DictReader(f)}
+
+
+def probabilities(predictions: dict) -> np.ndarray:
+    """[clips, classes] class probabilities of `read_predictions`' rows, sorted by video_id."""
+    return np.array(
+        [
+            [float(v) for k, v in row.items() if k.startswith("p_")]
+            for _, row in sorted(predictions.items())
+        ]
+    )
