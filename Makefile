@@ -33,7 +33,7 @@ demo: setup
 	$(PY) -m caer_jax.report $(RUNS)/synthetic_tiny $(RUNS)/synthetic_tiny_face
 
 bench: setup
-	launch/with_jemalloc.sh $(PY) -m caer_jax.bench --out=$(RUNS)/bench.json
+	launch/with_jemalloc.sh $(PY) -m caer_jax.bench --end_to_end --skip_paper --out=$(RUNS)/bench.json
 
 lint: setup-test
 	$(PY) -m ruff check .

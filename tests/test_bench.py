@@ -27,4 +27,4 @@ def test_bench_writes_consistent_model_figures(tmp_path):
         tiny["train_step_flops"] / tiny["train_step_s"] / tiny["reference_matmul_flops_per_s"]
     )
     assert "paper_b32" not in figures and "pipeline" not in figures
-    assert "tiny: train step" in run.stdout
+    assert "tiny (float32, batch 8): train step" in run.stdout

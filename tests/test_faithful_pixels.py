@@ -167,7 +167,7 @@ def test_jpeg_storage_is_the_jpeg_of_the_authors_crops(photo_dataset):
 @pytest.mark.parametrize("seed", range(4))
 def test_train_frames_follow_the_authors_order_rotate_resize_flip(photo_dataset, seed):
     clips, built = photo_dataset
-    loader = pipeline._ClipLoader(
+    loader = pipeline.ClipLoader(
         num_segments=3, duration=1, image_size=SIZE, rotation_degrees=4.0, flip_prob=0.5
     )
     draws = set()

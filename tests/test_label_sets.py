@@ -11,9 +11,10 @@ import pytest
 import tensorflow_datasets as tfds
 import tiny_runs
 
-from caer_jax import checkpoint, convert, evaluation, label_sets, prompts, report, train
+from caer_jax import checkpoint, convert, evaluation, label_sets, metrics, prompts, report, train
 from caer_jax.data import synthetic
 from caer_jax.models import caer
+from configs import synthetic_tiny
 from tfds_raer.raer import raer_lib
 
 FOUR = {
@@ -78,23 +79,30 @@ def test_unknown_spec_and_missing_file(tmp_path):
 
 
 def test_report_columns_are_the_runs_classes(tmp_path):
-    def run(name, classes, recalls):
-        per_class = {c: {"recall": r, "support": 1} for c, r in zip(classes, recalls, strict=True)}
-        metrics = {"streams": "both", "split": "test", "uar": 50.0, "war": 60.0}
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(
-            json.dumps({**metrics, "per_class": per_class})
+    def run(name, classes, right):
+        """A metrics.json as evaluation writes it, 2 clips per class, the first `right` right."""
+        labels = np.repeat(np.arange(len(classes)), 2)
+        preds = np.where(np.arange(len(labels)) < right, labels, (labels + 1) % len(classes))
+        summary = metrics.summarize(metrics.confusion_matrix(labels, preds, len(classes)), classes)
+        summary.update(
+            split="test",
+            checkpoint="best",
+            streams="both",
+            train_config=json.loads(json.dumps(synthetic_tiny.get_config().to_dict())),
+            bootstrap=metrics.bootstrap_intervals(
+                labels, preds, classes, resamples=50, seed=0, confidence=0.95
+            ),
         )
+        (tmp_path / name).mkdir()
+        metrics.write_json(summary, tmp_path / name / "metrics.json")
         return str(tmp_path / name)
 
-    a = run("a", FOUR["class_names"], [10.0, 20.0, 30.0, 40.0])
-    b = run("b", FOUR["class_names"], [50.0, 60.0, 70.0, 80.0])
-    lines = report.table([a, b]).splitlines()
-    assert lines[0].split()[-4:] == ["Calm", "Happy", "Puzzl", "Tired"]
-    assert lines[3].split()[-4:] == ["50.0", "60.0", "70.0", "80.0"]
-    five = run("five", prompts.CLASS_NAMES, [1.0] * 5)
+    four = run("four", FOUR["class_names"], right=6)
+    header = report.table([four]).splitlines()[0]
+    assert header.split()[-4:] == FOUR["class_names"]
+    five = run("five", prompts.CLASS_NAMES, right=6)
     with pytest.raises(label_sets.LabelSetError, match="five/metrics.json has the classes"):
-        report.table([a, five])
+        report.table([four, five])
 
 
 def test_builder_takes_the_range_and_names_from_the_set(tmp_path):

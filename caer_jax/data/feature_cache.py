@@ -208,7 +208,7 @@ def _build_chunk(config, source, encode, directory: Path, chunk: int, key: dict,
             )
         pixels = {}
         for stream in pipeline.STREAMS:
-            images = [augment.decode_jpeg(data) for data in record[stream]]
+            images = [augment.decode_image(data) for data in record[stream]]
             pixels[stream] = augment.transform_frames_uint8(images, config.data.image_size)
             if fc.flipped:  # the pixel path's own flip: after the resize, of every frame
                 flip = augment.Draw(flip=True)

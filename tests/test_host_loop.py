@@ -1,0 +1,120 @@
+"""The host loop that keeps an accelerator busy changes nothing but the timing.
+
+- Batches prefetched onto the devices and metrics read only at log steps reach bitwise the
+  parameters of a plain loop that moves each batch when it needs it and reads every step back.
+- The prefetcher's checkpointed position is that of the batches used, not of those buffered.
+- A second start with the same persistent compilation cache loads its programs from it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tiny_runs
+
+from caer_jax import checkpoint, sharding, train
+from caer_jax import state as state_lib
+from caer_jax.data import pipeline, prefetch, prepare
+from caer_jax.models import caer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    return tiny_runs.overrides(
+        root, **{"train.num_epochs": 1, "train.log_every_steps": 3, "data.num_segments": 4}
+    )
+
+
+def _reference_parameters(config) -> dict:
+    """A plain loop over the same steps: each batch moved when used, each step read back."""
+    mesh = sharding.make_mesh(config.mesh)  # as the training run's
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    steps_per_epoch = pipeline.steps_per_epoch(config)
+    setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
+    state = setup.initial_state(config)
+    batches = pipeline.train_iterator(config, seed=config.seed, process_index=0, process_count=1)
+    for _ in range(steps_per_epoch * config.train.num_epochs):
+        state, metrics = setup.step_fn(state, pipeline.global_batch(next(batches), mesh))
+        assert jax.device_get(metrics)["finite"]
+    batches.close()
+    return jax.device_get(state.params)
+
+
+def test_prefetch_and_lazy_reads_give_the_plain_loops_parameters(settings, tmp_path):
+    config = tiny_runs.config(settings)
+    prepare.prepare_data(config)
+    train.train_and_evaluate(config, tmp_path / "run")
+    ckpts = checkpoint.Checkpoints(tmp_path / "run", read_only=True)
+    step = ckpts.resolve_step("latest")
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    abstract = state_lib.abstract_params(model, config)
+    mesh = sharding.make_mesh(config.mesh)
+    target = checkpoint.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+    params, _ = ckpts.restore_params(step, target, config=config)
+    ckpts.close()
+    assert step == pipeline.steps_per_epoch(config) * config.train.num_epochs
+    reference = _reference_parameters(config)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), reference)
+
+    speed = json.loads((tmp_path / "run" / "speed.json").read_text())
+    assert speed["steady_steps"] == step - 1 and speed["train_clips_per_s"] > 0
+    assert speed["eval_clips"] > 0 and speed["checkpoint_blocked_seconds"] >= 0
+
+
+def test_prefetch_state_is_the_position_of_the_batches_used(settings):
+    config = tiny_runs.config(settings)
+    prepare.prepare_data(config)
+    mesh = sharding.make_mesh(config.mesh)
+
+    def host():
+        return pipeline.train_iterator(config, seed=0, process_index=0, process_count=1)
+
+    plain = host()
+    expected = [next(plain)["index"] for _ in range(5)]
+    plain.close()
+
+    ahead = prefetch.DevicePrefetch(host(), mesh, size=3)
+    used = [next(ahead)[1]["index"] for _ in range(2)]  # 3 more are buffered by now
+    state = ahead.get_state()
+    ahead.close()
+    resumed = host()
+    resumed.set_state(state)
+    after = [next(resumed)["index"] for _ in range(3)]
+    resumed.close()
+    for got, want in zip(used + after, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, tmp_path):
+    cache = tmp_path / "cache"
+    for name in ("first", "second"):
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "caer_jax.train",
+                "--config=configs/synthetic_tiny.py",
+                f"--workdir={tmp_path / name}",
+                f"--compilation_cache={cache}",
+                *tiny_runs.flags(settings),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+    first = json.loads((tmp_path / "first" / "speed.json").read_text())["compilation"]
+    second = json.loads((tmp_path / "second" / "speed.json").read_text())["compilation"]
+    assert first["persistent_cache_hits"] == 0 and first["persistent_cache_misses"] > 0
+    assert any(cache.iterdir())
+    # Every program the first run compiled and the second needed came from the cache.
+    assert second["persistent_cache_misses"] == 0
+    assert second["persistent_cache_hits"] == first["persistent_cache_misses"]
