@@ -59,14 +59,16 @@ def build_raer_length_clips(
     return data_dir
 
 
-def repeat_records_of(data_dir: Path, out_dir: Path, times: int) -> Path:
-    """A copy of the raer/224px build in `data_dir` whose every split holds each record `times`
+def repeat_records_of(
+    data_dir: Path, out_dir: Path, times: int, tfds_name: str = "raer/224px"
+) -> Path:
+    """A copy of the `tfds_name` build in `data_dir` whose every split holds each record `times`
     times (the records are read, parsed and decoded like distinct ones). It lets a small built
     dataset, one that fits on a machine without TensorFlow to build it, feed many steps."""
     from array_record.python import array_record_module
 
-    (version_dir,) = (data_dir / "raer" / "224px").iterdir()
-    target = out_dir / "raer" / "224px" / version_dir.name
+    (version_dir,) = (data_dir / tfds_name).iterdir()
+    target = out_dir / tfds_name / version_dir.name
     target.mkdir(parents=True)
     info = json.loads((version_dir / "dataset_info.json").read_text())
     for split in info["splits"]:
@@ -145,20 +147,12 @@ def train_process(
     return speed
 
 
-def _cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children."""
-    import resource
-
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def pipeline_rates(
     config: ml_collections.ConfigDict, worker_counts: list[int], num_batches: int
 ) -> list[dict]:
-    """The project's train iterator alone, per grain worker count: clips/s, clips/s per core
-    (wall rate over max(1, workers)), and clips per CPU-second (all processes' CPU time)."""
+    """The project's train iterator alone, per grain worker count: clips/s, and clips/s per core
+    (the rate over max(1, workers)). With no workers, also clips per CPU-second of this process
+    (its reader threads may use more than one core)."""
     from caer_jax.data import pipeline
 
     results = []
@@ -167,21 +161,21 @@ def pipeline_rates(
         config.data.worker_count = workers
         iterator = pipeline.train_iterator(config, seed=0, process_index=0, process_count=1)
         next(iterator)  # start-up (and worker start) is not throughput
-        cpu, start = _cpu_seconds(), time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         for _ in itertools.islice(iterator, num_batches):
             pass
         seconds = time.perf_counter() - start
-        iterator.close()  # the workers' CPU time counts once they have exited
-        cpu = _cpu_seconds() - cpu
+        cpu = time.process_time() - cpu
+        iterator.close()
         clips = num_batches * config.train.batch_size
-        results.append(
-            {
-                "worker_count": workers,
-                "clips_per_s": clips / seconds,
-                "clips_per_s_per_core": clips / seconds / max(1, workers),
-                "clips_per_cpu_second": clips / cpu if cpu > 0 else float("nan"),
-            }
-        )
+        result = {
+            "worker_count": workers,
+            "clips_per_s": clips / seconds,
+            "clips_per_s_per_core": clips / seconds / max(1, workers),
+        }
+        if workers == 0:
+            result["clips_per_cpu_second"] = clips / cpu
+        results.append(result)
     return results
 
 
@@ -292,10 +286,14 @@ def describe(r: dict) -> list[str]:
         f"(+{cold['checkpoint_final_wait_seconds']:.2f} s final wait)",
     ]
     for p in r["pipeline"]:
+        cpu = (
+            f" ({p['clips_per_cpu_second']:.1f} clips per CPU-second)"
+            if "clips_per_cpu_second" in p
+            else ""
+        )
         lines.append(
             f"  pipeline, {p['worker_count']} workers: {p['clips_per_s']:.1f} clips/s = "
-            f"{p['clips_per_s_per_core']:.1f} per core ({p['clips_per_cpu_second']:.1f} clips per "
-            f"CPU-second)"
+            f"{p['clips_per_s_per_core']:.1f} per core{cpu}"
         )
     s = r["pipeline_stages"]
     lines.append(

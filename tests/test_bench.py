@@ -5,6 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import tiny_runs
+
+from caer_jax import bench_end_to_end
+from caer_jax.data import pipeline, prepare
 
 
 def test_bench_writes_consistent_model_figures(tmp_path):
@@ -28,3 +32,30 @@ def test_bench_writes_consistent_model_figures(tmp_path):
     )
     assert "paper_b32" not in figures and "pipeline" not in figures
     assert "tiny (float32, batch 8): train step" in run.stdout
+
+
+def test_end_to_end_parts_on_a_small_build(tmp_path):
+    """The pieces of `bench --end_to_end` that do not need the paper geometry: repeated records,
+    the pipeline per worker count and the per-stage host costs, and their printout."""
+    settings = tiny_runs.overrides(tmp_path, **{"data.num_segments": 4, "train.batch_size": 2})
+    config = tiny_runs.config(settings)
+    prepare.prepare_data(config)
+    repeated = bench_end_to_end.repeat_records_of(
+        tmp_path / "tfds", tmp_path / "repeated", 3, tfds_name=config.data.tfds_name
+    )
+    tripled = tiny_runs.config({**settings, "data.data_dir": str(repeated)})
+    for split in ("train", "test"):
+        n = pipeline.num_records(config, split)
+        assert pipeline.num_records(tripled, split) == 3 * n
+        ids = pipeline.video_ids(tripled, split)
+        assert ids == pipeline.video_ids(config, split) * 3
+
+    (rate,) = bench_end_to_end.pipeline_rates(tripled, [0], num_batches=3)
+    assert rate["worker_count"] == 0 and rate["clips_per_s"] > 0
+    assert rate["clips_per_s_per_core"] == rate["clips_per_s"] and rate["clips_per_cpu_second"] > 0
+    stages = bench_end_to_end.stage_breakdown(tripled, num_clips=3)
+    parts = ("read_parse", "decode", "transform")
+    assert all(stages[f"{p}_ms_per_clip"] > 0 for p in parts)
+    assert stages["total_ms_per_clip"] == pytest.approx(
+        sum(stages[f"{p}_ms_per_clip"] for p in parts)
+    )
