@@ -140,6 +140,7 @@ def evaluate_checkpoint(
     summary = evaluate(step_fn, params, config, split, mesh)
     predictions = summary.pop("predictions")
     summary.update(
+        class_names=list(class_names),
         split=split,
         step=resolved,
         checkpoint=str(step),

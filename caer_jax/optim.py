@@ -78,9 +78,12 @@ def make_optimizer(
     missing = sorted(g for g in present if g not in optim_config.lr)
     if missing:
         raise KeyError(f"config.optim.lr has no learning rate for group(s) {missing}")
+    # Sorted: a set's order follows the process's string hash seed, and the transforms' order
+    # is the order of the ops in the compiled step, so another order would be another program
+    # for the persistent compilation cache.
     transforms = {
         group: _group_optimizer(optim_config.lr[group], optim_config, steps_per_epoch)
-        for group in present
+        for group in sorted(present)
     }
     transforms[FROZEN] = optax.set_to_zero()
     return optax.multi_transform(transforms, labels)

@@ -50,7 +50,7 @@ def _load(path: Path, folder: Path | None = None) -> Run:
         metrics = json.loads(metrics_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"{metrics_path}: cannot read: {e}") from None
-    missing = [key for key in ("bootstrap", "train_config") if key not in metrics]
+    missing = [key for key in ("bootstrap", "train_config", "class_names") if key not in metrics]
     if missing:
         raise ReportError(
             f"{metrics_path}: no {' or '.join(missing)} (written by an older version); "
@@ -140,10 +140,10 @@ def table(workdirs: Sequence[str | Path]) -> str:
     by seed a mean +- standard deviation row above them. The per-class columns are the classes
     of the first run (its label set); every run must have them."""
     runs = load_runs(workdirs)
-    class_names = list(runs[0].metrics["per_class"])
+    class_names = runs[0].metrics["class_names"]  # the label set's order (per_class is sorted)
     for run in runs:
         label_sets.check_same_classes(
-            list(run.metrics["per_class"]),
+            run.metrics["class_names"],
             f"{run.path}/metrics.json",
             class_names,
             str(runs[0].path),

@@ -85,6 +85,7 @@ def test_report_columns_are_the_runs_classes(tmp_path):
         preds = np.where(np.arange(len(labels)) < right, labels, (labels + 1) % len(classes))
         summary = metrics.summarize(metrics.confusion_matrix(labels, preds, len(classes)), classes)
         summary.update(
+            class_names=list(classes),
             split="test",
             checkpoint="best",
             streams="both",

@@ -28,6 +28,7 @@ def write_run(workdir: Path, *, seed: int, right: int, variant: str = "", **conf
     preds = np.where(np.arange(10) < right, LABELS, (LABELS + 1) % 5)
     summary = metrics.summarize(metrics.confusion_matrix(LABELS, preds, 5), CLASS_NAMES)
     summary.update(
+        class_names=list(CLASS_NAMES),
         split="test",
         checkpoint="best",
         streams=config.model.streams,
