@@ -322,7 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     resumed = ckpts.restore_newest_intact(restore)
     if resumed is None:
-        state = setup.initial_state(config)
+        # With the feature cache, prepare() already initialised these parameters (same key).
+        state = setup.initial_state(config, cache_params)
         history, nonfinite = [], 0
         data_start = 0
         train_iter = new_iterator(data_start)
