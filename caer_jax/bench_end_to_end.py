@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +43,7 @@ def build_raer_length_clips(
     """Synthetic clips of RAER's length packed at 224 px; returns the TFDS data_dir."""
     import tensorflow_datasets as tfds
 
+    import tfds_raer  # noqa: F401  (registers the "raer" builder)
     from caer_jax.data import synthetic
 
     raw, data_dir = root / "raer", root / "tfds"
@@ -59,18 +62,22 @@ def build_raer_length_clips(
     return data_dir
 
 
-def repeat_records_of(
+def repeat_clips_of(
     data_dir: Path, out_dir: Path, times: int, tfds_name: str = "raer/224px"
 ) -> Path:
-    """A copy of the `tfds_name` build in `data_dir` whose every split holds each record `times`
-    times (the records are read, parsed and decoded like distinct ones). It lets a small built
+    """A copy of the `tfds_name` build in `data_dir` whose every split holds each clip `times`
+    times (the copies are read, parsed and decoded like distinct clips). It lets a small built
     dataset, one that fits on a machine without TensorFlow to build it, feed many steps."""
     from array_record.python import array_record_module
+
+    from tfds_raer.raer import frame_records
 
     (version_dir,) = (data_dir / tfds_name).iterdir()
     target = out_dir / tfds_name / version_dir.name
     target.mkdir(parents=True)
     info = json.loads((version_dir / "dataset_info.json").read_text())
+    metadata = json.loads((version_dir / "metadata.json").read_text())
+    tables = metadata[frame_records.METADATA_KEY]
     for split in info["splits"]:
         shards = sorted(version_dir.glob(f"raer-{split['name']}.array_record-*"))
         records = []
@@ -80,12 +87,14 @@ def repeat_records_of(
             reader.close()
         out = target / f"raer-{split['name']}.array_record-00000-of-00001"
         writer = array_record_module.ArrayRecordWriter(str(out), "group_size:1")
-        for record in records * times:
+        for record in records * times:  # frame records: whole clips, in order, `times` over
             writer.write(record)
         writer.close()
         split["shardLengths"] = [str(len(records) * times)]
         split["numBytes"] = str(out.stat().st_size)
+        tables[split["name"]] = {k: v * times for k, v in tables[split["name"]].items()}
     (target / "dataset_info.json").write_text(json.dumps(info))
+    (target / "metadata.json").write_text(json.dumps(metadata))
     for extra in version_dir.iterdir():  # features.json and the other metadata files
         if not extra.name.startswith("raer-") and not (target / extra.name).exists():
             shutil.copy(extra, target / extra.name)
@@ -147,12 +156,25 @@ def train_process(
     return speed
 
 
+def _cpu_seconds() -> float | None:
+    """CPU seconds used so far by this process and its live child processes (grain's workers);
+    None where /proc cannot tell a child's (not Linux)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def pipeline_rates(
     config: ml_collections.ConfigDict, worker_counts: list[int], num_batches: int
 ) -> list[dict]:
-    """The project's train iterator alone, per grain worker count: clips/s, and clips/s per core
-    (the rate over max(1, workers)). With no workers, also clips per CPU-second of this process
-    (its reader threads may use more than one core)."""
+    """The project's train iterator alone, per grain worker count: clips/s, and clips per
+    CPU-second of this process and its workers together (the rate per core kept busy)."""
     from caer_jax.data import pipeline
 
     results = []
@@ -161,48 +183,41 @@ def pipeline_rates(
         config.data.worker_count = workers
         iterator = pipeline.train_iterator(config, seed=0, process_index=0, process_count=1)
         next(iterator)  # start-up (and worker start) is not throughput
-        cpu, start = time.process_time(), time.perf_counter()
+        cpu, start = _cpu_seconds(), time.perf_counter()
         for _ in itertools.islice(iterator, num_batches):
             pass
         seconds = time.perf_counter() - start
-        cpu = time.process_time() - cpu
+        cpu_end = _cpu_seconds()
         iterator.close()
         clips = num_batches * config.train.batch_size
-        result = {
-            "worker_count": workers,
-            "clips_per_s": clips / seconds,
-            "clips_per_s_per_core": clips / seconds / max(1, workers),
-        }
-        if workers == 0:
-            result["clips_per_cpu_second"] = clips / cpu
+        result = {"worker_count": workers, "clips_per_s": clips / seconds}
+        if cpu is not None and cpu_end is not None:
+            result["cpu_seconds"] = cpu_end - cpu
+            result["clips_per_cpu_second"] = clips / (cpu_end - cpu)
         results.append(result)
     return results
 
 
 def stage_breakdown(config: ml_collections.ConfigDict, num_clips: int) -> dict:
     """CPU milliseconds per train clip in each stage of the host's work, in one thread:
-    reading and parsing the record, decoding the 2 x num_segments sampled JPEGs, and the
-    rotation/resize/flip."""
-    from caer_jax.data import augment, pipeline, sampling
+    reading and parsing the sampled frames' records, decoding their 2 x num_segments crops, and
+    the rotation/resize/flip."""
+    from caer_jax.data import augment, pipeline
 
-    source = pipeline.data_source(config, config.data.train_split)
+    source = pipeline.clip_source(config, config.data.train_split)
+    loader = pipeline.ClipLoader.from_config(config)
     rng = np.random.default_rng(0)
     totals = {"read_parse": 0.0, "decode": 0.0, "transform": 0.0}
     clips = min(num_clips, len(source))
     for index in range(clips):
+        clip = source[index]
+        frames, draws = loader.sample(clip.num_frames, rng)
         t0 = time.process_time()
-        record = source[index]
+        encoded = clip.read(frames)
         t1 = time.process_time()
-        offsets = sampling.train_indices(
-            len(record["face"]), config.data.num_segments, config.data.duration, rng
-        )
-        frames = sampling.frame_indices(offsets, config.data.duration, len(record["face"]))
-        images = {
-            s: [augment.decode_image(record[s][t]) for t in frames] for s in ("face", "context")
-        }
+        images = {s: [augment.decode_image(data) for data in encoded[s]] for s in draws}
         t2 = time.process_time()
-        for stream in images:
-            draw = augment.random_draw(rng, config.data.rotation_degrees, config.data.flip_prob)
+        for stream, draw in draws.items():
             augment.transform_frames_uint8(images[stream], config.data.image_size, draw)
         t3 = time.process_time()
         totals["read_parse"] += t1 - t0
@@ -232,7 +247,7 @@ def run(
     folder; `cache` the persistent compilation cache of the calling process, which the training
     processes share (empty before the cold run). `measure_step(config, steps_per_epoch)` times
     the step alone (bench.bench_model). With `repeat_records` > 1 every record of a copy of
-    the dataset is stored that many times (see `repeat_records_of`)."""
+    the dataset is stored that many times (see `repeat_clips_of`)."""
     from caer_jax.data import pipeline as pipeline_lib
 
     started = time.perf_counter()
@@ -240,7 +255,7 @@ def run(
     if synthetic:
         data_dir = str(build_raer_length_clips(scratch, num_clips))
     if repeat_records > 1:
-        data_dir = str(repeat_records_of(Path(data_dir), scratch / "repeated", repeat_records))
+        data_dir = str(repeat_clips_of(Path(data_dir), scratch / "repeated", repeat_records))
     build_seconds = time.perf_counter() - started
     config = paper_config(data_dir, batch_size, epochs, dtype)
     cold = train_process(config, scratch / "cold", cache)
@@ -286,14 +301,14 @@ def describe(r: dict) -> list[str]:
         f"(+{cold['checkpoint_final_wait_seconds']:.2f} s final wait)",
     ]
     for p in r["pipeline"]:
-        cpu = (
-            f" ({p['clips_per_cpu_second']:.1f} clips per CPU-second)"
+        per_core = (
+            f" = {p['clips_per_cpu_second']:.1f} clips per CPU-second ({p['cpu_seconds']:.1f} "
+            f"CPU-s, workers included)"
             if "clips_per_cpu_second" in p
             else ""
         )
         lines.append(
-            f"  pipeline, {p['worker_count']} workers: {p['clips_per_s']:.1f} clips/s = "
-            f"{p['clips_per_s_per_core']:.1f} per core{cpu}"
+            f"  pipeline, {p['worker_count']} workers: {p['clips_per_s']:.1f} clips/s{per_core}"
         )
     s = r["pipeline_stages"]
     lines.append(

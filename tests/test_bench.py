@@ -40,19 +40,26 @@ def test_end_to_end_parts_on_a_small_build(tmp_path):
     settings = tiny_runs.overrides(tmp_path, **{"data.num_segments": 4, "train.batch_size": 2})
     config = tiny_runs.config(settings)
     prepare.prepare_data(config)
-    repeated = bench_end_to_end.repeat_records_of(
+    repeated = bench_end_to_end.repeat_clips_of(
         tmp_path / "tfds", tmp_path / "repeated", 3, tfds_name=config.data.tfds_name
     )
     tripled = tiny_runs.config({**settings, "data.data_dir": str(repeated)})
     for split in ("train", "test"):
-        n = pipeline.num_records(config, split)
-        assert pipeline.num_records(tripled, split) == 3 * n
+        n = pipeline.num_clips(config, split)
+        assert pipeline.num_clips(tripled, split) == 3 * n
         ids = pipeline.video_ids(tripled, split)
         assert ids == pipeline.video_ids(config, split) * 3
+        # the copies are whole clips: the last copy of the last clip reads its own frames
+        clip = pipeline.clip_source(tripled, split)[3 * n - 1]
+        assert clip.read_all() == pipeline.clip_source(config, split)[n - 1].read_all()
 
-    (rate,) = bench_end_to_end.pipeline_rates(tripled, [0], num_batches=3)
-    assert rate["worker_count"] == 0 and rate["clips_per_s"] > 0
-    assert rate["clips_per_s_per_core"] == rate["clips_per_s"] and rate["clips_per_cpu_second"] > 0
+    in_process, one_worker = bench_end_to_end.pipeline_rates(tripled, [0, 1], num_batches=3)
+    for rate, workers in ((in_process, 0), (one_worker, 1)):
+        assert rate["worker_count"] == workers and rate["clips_per_s"] > 0
+        assert rate["clips_per_cpu_second"] == pytest.approx(6 / rate["cpu_seconds"])
+    # The worker's CPU time is counted: the clips cost about the same CPU in either place
+    # (counting the main process alone would make the worker's clips look ~10x cheaper).
+    assert one_worker["clips_per_cpu_second"] < 3 * in_process["clips_per_cpu_second"]
     stages = bench_end_to_end.stage_breakdown(tripled, num_clips=3)
     parts = ("read_parse", "decode", "transform")
     assert all(stages[f"{p}_ms_per_clip"] > 0 for p in parts)

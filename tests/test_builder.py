@@ -11,9 +11,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import tfds_raer
-from caer_jax.data import synthetic
-from tfds_raer.raer import raer_lib
+import tfds_raer  # noqa: F401  (registers "raer")
+from caer_jax import errors
+from caer_jax.data import augment, clips, synthetic
+from tfds_raer.raer import frame_records, raer_lib
 from tfds_raer.raer.raer_dataset_builder import Builder
 
 DUMMY = Path(Builder.code_path).parent / "dummy_data"
@@ -38,6 +39,23 @@ def rewrite(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text
     path.write_text(text.replace(old, new))
+
+
+def frames_of(frames_dir: str) -> int:
+    """Frames of a dummy_data clip."""
+    return len(list((DUMMY / frames_dir).iterdir()))
+
+
+SKIP = {stream: tfds.decode.SkipDecoding() for stream in clips.STREAMS}
+
+
+def raw_records(data_dir, split: str, config: str = "64px"):
+    """The frame records of `split`, crops left encoded."""
+    return tfds.data_source(f"raer/{config}", split=split, data_dir=str(data_dir), decoders=SKIP)
+
+
+def clip_source(data_dir, split: str, config: str = "64px") -> clips.ClipSource:
+    return clips.ClipSource.open(f"raer/{config}", split, str(data_dir))
 
 
 # ----------------------------------------------------------------------------- crops
@@ -98,61 +116,182 @@ def test_data_source_random_access_and_crop_pixels(synthetic_build):
     faces = json.loads((manual / "face_boxes.json").read_text())
     bodies = json.loads((manual / "body_boxes.json").read_text())
     rows = _annotations(manual)
+    train_lines = (manual / "train.txt").read_text().splitlines()
     ds = tfds.data_source("raer/64px", split="train", data_dir=str(data_dir))
     assert type(ds).__name__ == "ArrayRecordDataSource"
-    assert len(ds) == len((manual / "train.txt").read_text().splitlines())
-    checked_missing = 0
+    # one record per frame; the clips are those of train.txt
+    assert len(ds) == sum(rows[line.split(" ")[0]][0] for line in train_lines)
+    assert len(clip_source(data_dir, "train")) == len(train_lines)
+    checked_missing, seen = 0, set()
     for i in reversed(range(len(ds))):  # random access, any order
         ex = ds[i]
-        video_id = ex["video_id"].decode()
+        video_id, t = ex["video_id"].decode(), int(ex["frame_index"])
         n, label = rows[video_id]
-        assert ex["label"] == label - 1 and ex["num_frames"] == n
+        assert ex["label"] == label - 1 and ex["num_frames"] == n and 0 <= t < n
         assert ex["annotation"].decode().endswith(f"{video_id} {n} {label}")
+        seen.add((video_id, t))
         face, context = ex["face"], np.asarray(ex["context"])
-        assert len(face) == n and context.shape == (n, 64, 64, 3)
-        names = sorted(p.name for p in (manual / video_id).iterdir())
-        assert list(ex["face_box_found"]) == [name in faces[video_id] for name in names]
-        for t, name in enumerate(names):
-            src = Image.open(manual / video_id / name).convert("RGB")
-            box = faces[video_id].get(name)
-            checked_missing += box is None
-            want_face = np.asarray(raer_lib.crop_face(src, box), np.float32)
-            want_ctx = np.asarray(raer_lib.crop_context(src, bodies.get(video_id), 64), np.float32)
-            # independent of raer_lib: crop by hand for the face stream, kept at its source size
-            if box is not None:
-                left, u, r, b = (int(v) for v in box)
-                region = (max(0, left - 20), max(0, u - 20), min(96, r + 20), min(72, b + 20))
-            else:
-                region = (0, 0, 96, 72)
-            np.testing.assert_array_equal(want_face, np.asarray(src.crop(region), np.float32))
-            for got, want in ((face[t], want_face), (context[t], want_ctx)):
-                assert got.shape == want.shape and got.dtype == np.uint8
-                # JPEG tolerance (these noisy frames lose ~3 levels on average at quality 95)
-                diff = np.abs(got.astype(np.float32) - want)
-                assert diff.mean() < 6.0 and np.percentile(diff, 99) < 50
-                # and exactly what encoding the expected crop at the default quality gives
-                jpeg = raer_lib.encode_image(Image.fromarray(want.astype(np.uint8)), "jpeg", 95)
-                np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(jpeg))))
+        assert context.shape == (64, 64, 3)
+        name = sorted(p.name for p in (manual / video_id).iterdir())[t]
+        assert ex["face_box_found"] == (name in faces[video_id])
+        src = Image.open(manual / video_id / name).convert("RGB")
+        box = faces[video_id].get(name)
+        checked_missing += box is None
+        want_face = np.asarray(raer_lib.crop_face(src, box), np.float32)
+        want_ctx = np.asarray(raer_lib.crop_context(src, bodies.get(video_id), 64), np.float32)
+        # independent of raer_lib: crop by hand for the face stream, kept at its source size
+        if box is not None:
+            left, u, r, b = (int(v) for v in box)
+            region = (max(0, left - 20), max(0, u - 20), min(96, r + 20), min(72, b + 20))
+        else:
+            region = (0, 0, 96, 72)
+        np.testing.assert_array_equal(want_face, np.asarray(src.crop(region), np.float32))
+        for got, want in ((face, want_face), (context, want_ctx)):
+            assert got.shape == want.shape and got.dtype == np.uint8
+            # JPEG tolerance (these noisy frames lose ~3 levels on average at quality 95)
+            diff = np.abs(got.astype(np.float32) - want)
+            assert diff.mean() < 6.0 and np.percentile(diff, 99) < 50
+            # and exactly what encoding the expected crop at the default quality gives
+            jpeg = raer_lib.encode_image(Image.fromarray(want.astype(np.uint8)), "jpeg", 95)
+            np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(jpeg))))
+    # every frame of every train clip, once
+    want = {(line.split(" ")[0], t) for line in train_lines for t in range(int(line.split(" ")[1]))}
+    assert seen == want
     assert checked_missing > 0  # frames without a face box were among those checked
 
 
-def test_skip_frame_decoding_gives_jpeg_bytes(synthetic_build):
+def test_raw_frame_records_hold_jpeg_bytes_and_clips_decode_to_the_same_pixels(synthetic_build):
     _, data_dir = synthetic_build
     ds = tfds.data_source("raer/64px", split="test", data_dir=str(data_dir))
-    raw = tfds.data_source(
-        "raer/64px",
-        split="test",
-        data_dir=str(data_dir),
-        decoders={
-            "face": tfds_raer.raer.SkipFrameDecoding(),
-            "context": tfds_raer.raer.SkipFrameDecoding(),
-        },
-    )
-    ex, ex_raw = ds[1], raw[1]
-    assert ex_raw["face"].dtype == object and len(ex_raw["face"]) == ex["num_frames"]
-    for t, jpeg in enumerate(ex_raw["context"]):
-        assert jpeg[:2] == b"\xff\xd8"
-        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(jpeg))), ex["context"][t])
+    raw = raw_records(data_dir, "test")
+    assert len(raw) == len(ds)
+    for i in range(len(ds)):
+        ex, ex_raw = ds[i], raw[i]
+        for stream in clips.STREAMS:
+            data = ex_raw[stream]
+            assert isinstance(data, bytes) and data[:2] == b"\xff\xd8"
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), ex[stream])
+    # the clip reader reads the same records, by clip, in any order (repeats allowed)
+    source = clip_source(data_dir, "test")
+    checked = 0
+    for clip in reversed(source.clips):
+        everything = clip.read_all()
+        assert {k: len(v) for k, v in everything.items()} == dict.fromkeys(
+            ("face", "context", "face_box_found"), clip.num_frames
+        )
+        for t in range(clip.num_frames):
+            ex, ex_raw = ds[clip.first_record + t], raw[clip.first_record + t]
+            assert ex["video_id"].decode() == clip.video_id and ex["frame_index"] == t
+            assert everything["face_box_found"][t] == ex["face_box_found"]
+            for stream in clips.STREAMS:
+                assert everything[stream][t] == ex_raw[stream]
+                np.testing.assert_array_equal(
+                    np.asarray(augment.decode_image(everything[stream][t])), ex[stream]
+                )
+                checked += 1
+        last = clip.num_frames - 1
+        some = clip.read([last, 0, last])
+        assert some["context"] == [everything["context"][t] for t in (last, 0, last)]
+        with pytest.raises(IndexError):
+            clip.read([clip.num_frames])
+    assert checked == 2 * len(ds)
+
+
+def test_records_in_clip_order_match_the_clip_table(synthetic_build):
+    """Every split: a clip's frames are consecutive records, frame_index 0..n-1, the clips in the
+    order of the metadata's clip table (that of the annotation file), and nothing else."""
+    manual, data_dir = synthetic_build
+    builder = tfds.builder("raer/64px", data_dir=str(data_dir))
+    tables = builder.info.metadata[frame_records.METADATA_KEY]
+    assert set(tables) == set(builder.info.splits) == {"train", "test"}
+    for split in builder.info.splits:
+        table = frame_records.ClipTable.from_json(tables[split])
+        lines = [line.split(" ") for line in (manual / f"{split}.txt").read_text().splitlines()]
+        assert list(table.video_ids) == [d for d, _, _ in lines]
+        assert list(table.labels) == [int(y) - 1 for _, _, y in lines]
+        assert list(table.num_frames) == [int(n) for _, n, _ in lines]
+        records = raw_records(data_dir, split)
+        assert table.total_frames == len(records) == builder.info.splits[split].num_examples
+        columns = (table.video_ids, table.labels, table.num_frames)
+        expected = [
+            (video_id, label, n, t)
+            for video_id, label, n in zip(*columns, strict=True)
+            for t in range(n)
+        ]
+        got = [
+            (r["video_id"].decode(), r["label"], r["num_frames"], r["frame_index"])
+            for r in (records[i] for i in range(len(records)))
+        ]
+        assert got == expected
+        source = clip_source(data_dir, split)
+        assert source.video_ids == list(table.video_ids)
+        assert [c.first_record for c in source] == table.first_frames.tolist()
+        assert [(c.label, c.num_frames) for c in source] == list(zip(*columns[1:], strict=True))
+    # split expressions count clips, not frame records
+    half = len(tables["train"]["video_id"]) // 2
+    mixed = clip_source(data_dir, f"train[:{half}]+test")
+    assert mixed.video_ids == tables["train"]["video_id"][:half] + tables["test"]["video_id"]
+
+
+def _damaged_copy(data_dir: Path, tmp_path: Path, name: str, damage) -> Path:
+    """A copy of a build whose clip tables `damage(tables)` rewrites."""
+    out = tmp_path / name
+    shutil.copytree(data_dir, out)
+    path = out / "raer/64px" / str(Builder.VERSION) / "metadata.json"
+    metadata = json.loads(path.read_text())
+    damage(metadata[frame_records.METADATA_KEY])
+    path.write_text(json.dumps(metadata))
+    return out
+
+
+def test_a_damaged_build_is_refused(synthetic_build, tmp_path):
+    _, data_dir = synthetic_build
+    table = clip_source(data_dir, "train")[0].split.table
+
+    def off_by_one(tables):
+        tables["train"]["num_frames"][0] += 1
+
+    bad = _damaged_copy(data_dir, tmp_path, "off_by_one", off_by_one)
+    with pytest.raises(errors.BadInputError, match=r"train split .*counts \d+ frames, the records"):
+        clip_source(bad, "train")
+    clip_source(bad, "test")  # the other split is intact
+
+    def swapped(tables):
+        for column in tables["train"].values():
+            column[0], column[1] = column[1], column[0]
+
+    bad = _damaged_copy(data_dir, tmp_path, "swapped", swapped)
+    source = clip_source(bad, "train")  # same total: opens
+    first, second = (re.escape(v) for v in table.video_ids[:2])
+    with pytest.raises(
+        errors.BadInputError,
+        match=rf"record 0 is frame 0 of {first} \(label \d+, \d+ frames\), but the clip table "
+        rf"puts frame 0 of {second} \(label",
+    ):
+        source[0].read([0])
+    with pytest.raises(errors.BadInputError, match="the build is damaged"):
+        source[1].read_all()
+
+    def moved_one_frame(tables):  # same clips in the same order, same total
+        tables["train"]["num_frames"][0] -= 1
+        tables["train"]["num_frames"][1] += 1
+
+    bad = _damaged_copy(data_dir, tmp_path, "moved", moved_one_frame)
+    source = clip_source(bad, "train")
+    n = table.num_frames[0]
+    # clip 0's first frame is where the table says, but the record knows the clip's real length
+    with pytest.raises(
+        errors.BadInputError,
+        match=rf"record 0 is frame 0 of {first} \(label \d+, {n} frames\), but the clip table puts "
+        rf"frame 0 of {first} \(label \d+, {n - 1} frames\)",
+    ):
+        source[0].read([0])
+    with pytest.raises(errors.BadInputError, match=rf"record {n - 1} is frame {n - 1} of {first}"):
+        source[1].read([0])
+
+    bad = _damaged_copy(data_dir, tmp_path, "no_table", lambda tables: tables.pop("test"))
+    with pytest.raises(errors.BadInputError, match="test split .*no clip table"):
+        clip_source(bad, "test")
 
 
 def test_statistics_in_metadata(synthetic_build):
@@ -195,20 +334,23 @@ def test_validation_split_max_frames_prefix_map_and_quality(tmp_path):
     )
     b = build(manual, tmp_path / "a", **opts)
     splits = b.info.splits
-    assert splits["train"].num_examples + splits["validation"].num_examples == 32
+    val = clip_source(tmp_path / "a", "validation")
+    train = clip_source(tmp_path / "a", "train")
+    assert len(train) + len(val) == 32
     # train holds 13/3/3/6/7 clips per class; round(0.25 * n) each, at least one
-    assert splits["validation"].num_examples == 9
-    val = tfds.data_source("raer/64px", split="validation", data_dir=str(tmp_path / "a"))
-    train = tfds.data_source("raer/64px", split="train", data_dir=str(tmp_path / "a"))
-    val_ids = {val[i]["video_id"] for i in range(len(val))}
-    assert not val_ids & {train[i]["video_id"] for i in range(len(train))}
-    assert all(v.startswith(b"/old/raer/clips/") for v in val_ids)
-    assert sorted(val[i]["label"] for i in range(len(val))) == [0, 0, 0, 1, 2, 3, 3, 4, 4]
-    assert all(val[i]["num_frames"] == 4 for i in range(len(val)))
+    assert len(val) == 9
+    # one record per frame: max_frames=4 of the 5-9 frames of every clip
+    assert splits["validation"].num_examples == 9 * 4 and splits["train"].num_examples == 23 * 4
+    val_ids = set(val.video_ids)
+    assert not val_ids & set(train.video_ids)
+    assert all(v.startswith("/old/raer/clips/") for v in val_ids)
+    assert sorted(clip.label for clip in val) == [0, 0, 0, 1, 2, 3, 3, 4, 4]
+    assert all(clip.num_frames == 4 for clip in val)
+    records = tfds.data_source("raer/64px", split="validation", data_dir=str(tmp_path / "a"))
+    assert all(records[i]["num_frames"] == 4 for i in range(len(records)))
     # the same seed picks the same clips; the quality option changes the bytes stored
     b2 = build(manual, tmp_path / "b", jpeg_quality=40, **opts)
-    val2 = tfds.data_source("raer/64px", split="validation", data_dir=str(tmp_path / "b"))
-    assert {val2[i]["video_id"] for i in range(len(val2))} == val_ids
+    assert set(clip_source(tmp_path / "b", "validation").video_ids) == val_ids
     s1, s2 = b.info.metadata["statistics"], b2.info.metadata["statistics"]
     assert s2["train"]["bytes_stored"] < 0.8 * s1["train"]["bytes_stored"]
 
@@ -227,14 +369,18 @@ def test_any_image_format_and_the_built_frames(tmp_path):
     boxes["clips/a04"]["000002.bmp"] = boxes["clips/a04"].pop("000002.jpg")
     (manual / "face_boxes.json").write_text(json.dumps(boxes))
     b = build(manual, tmp_path / "d")
-    ds = tfds.data_source("raer/64px", split="train", data_dir=str(tmp_path / "d"))
-    ex = {ds[i]["video_id"]: ds[i] for i in range(len(ds))}
-    assert ex[b"clips/a04"]["num_frames"] == 3 and all(ex[b"clips/a04"]["face_box_found"])
-    assert list(ex[b"clips/a01"]["face_box_found"]) == [True, False, True]
+    ex = {clip.video_id: clip for clip in clip_source(tmp_path / "d", "train")}
+    a04 = ex["clips/a04"].read_all()
+    assert ex["clips/a04"].num_frames == 3 and len(a04["face"]) == 3
+    assert all(a04["face_box_found"])
+    assert ex["clips/a01"].read_all()["face_box_found"] == [True, False, True]
     assert b.info.metadata["statistics"]["train"]["clips_without_body_box"] == 1
-    test = tfds.data_source("raer/64px", split="test", data_dir=str(tmp_path / "d"))
-    b01 = next(test[i] for i in range(len(test)) if test[i]["video_id"] == b"clips/b01")
-    assert all(b01["face_box_found"]) and [f.shape[2] for f in b01["face"]] == [3, 3]
+    test = clip_source(tmp_path / "d", "test")
+    b01 = next(clip for clip in test if clip.video_id == "clips/b01").read_all()
+    assert all(b01["face_box_found"]) and len(b01["face"]) == 2
+    # the greyscale PNG frame is stored as RGB (PIL's own decoding, no conversion)
+    assert [Image.open(io.BytesIO(f)).mode for f in b01["face"] + b01["context"]] == ["RGB"] * 4
+    assert [np.asarray(Image.open(io.BytesIO(f))).shape[2] for f in b01["face"]] == [3, 3]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -469,12 +615,19 @@ def test_bad_clip_skipped_and_counted(tmp_path, capsys, case):
     b = build(manual, tmp_path / "d", skip_bad_clips=True)
     expected = {"train": 4, "test": 2}
     expected[split] -= 1
-    assert {k: b.info.splits[k].num_examples for k in expected} == expected
+    sources = {k: clip_source(tmp_path / "d", k) for k in expected}
+    assert {k: len(source) for k, source in sources.items()} == expected
+    # one record per frame of the clips kept, in the order of the annotation file
+    for k, source in sources.items():
+        assert b.info.splits[k].num_examples == sum(map(frames_of, source.video_ids))
+        listed = [line.split(" ")[0] for line in (DUMMY / f"{k}.txt").read_text().splitlines()]
+        assert source.video_ids == [d for d in listed if d in source.video_ids]
+        for clip in source:
+            assert len(clip.read_all()["face"]) == clip.num_frames  # the records are the table's
     skipped = b.info.metadata["statistics"][split]["skipped"]
     assert skipped["by_reason"] == {reason: 1}
     assert re.search(match, skipped["first"][0])
-    ds = tfds.data_source("raer/64px", split=split, data_dir=str(tmp_path / "d"))
-    ids = [ds[i]["video_id"].decode() for i in range(len(ds))]
+    ids = sources[split].video_ids
     assert bad_id not in ids and len(set(ids)) == len(ids)
     err = capsys.readouterr().err
     assert f"{split}: " in err and "SKIPPED 1 bad clips" in err and reason in err
@@ -486,7 +639,10 @@ def test_skip_bad_clips_several_reasons(tmp_path, capsys):
     rewrite(manual / "train.txt", "clips/a03 2 4", "clips/a03 5 4")  # frame count
     (manual / "clips/b02/000003.jpg").write_bytes(b"garbage")  # corrupt, found while cropping
     b = build(manual, tmp_path / "d", skip_bad_clips=True)
-    assert b.info.splits["train"].num_examples == 2 and b.info.splits["test"].num_examples == 1
+    assert clip_source(tmp_path / "d", "train").video_ids == ["clips/a01", "clips/a04"]
+    assert clip_source(tmp_path / "d", "test").video_ids == ["clips/b01"]
+    # frame records: 3 + 3 in train, 2 in test
+    assert b.info.splits["train"].num_examples == 6 and b.info.splits["test"].num_examples == 2
     stats = b.info.metadata["statistics"]
     assert stats["train"]["skipped"]["by_reason"] == {"bad_label": 1, "num_frames_mismatch": 1}
     assert stats["test"]["skipped"]["by_reason"] == {"corrupt_image": 1}
@@ -519,7 +675,12 @@ def test_options_from_environment(tmp_path, monkeypatch):
         "TFDS_RAER_OPTIONS", '{"skip_bad_clips": true, "train_file": "train_list.txt"}'
     )
     b = build(manual, tmp_path / "env")
-    assert b.info.splits["train"].num_examples == 3
+    assert clip_source(tmp_path / "env", "train").video_ids == [
+        "clips/a01",
+        "clips/a03",
+        "clips/a04",
+    ]
+    assert b.info.splits["train"].num_examples == 3 + 2 + 3  # frame records
     assert b.info.metadata["build_options"]["train_file"] == "train_list.txt"
     # keyword arguments win over the environment
     assert not Builder(config="64px", skip_bad_clips=False).options.skip_bad_clips
@@ -547,25 +708,17 @@ def test_worker_threads_write_the_same_records(tmp_path):
     build in the writing thread, byte for byte and in the same order."""
     built = {w: build(DUMMY, tmp_path / f"w{w}", num_workers=w) for w in (1, 3, 0)}
     assert built[1].info.metadata["build_options"]["num_workers"] == 1
-    skip = {
-        "face": tfds_raer.raer.SkipFrameDecoding(),
-        "context": tfds_raer.raer.SkipFrameDecoding(),
-    }
+    tables = [b.info.metadata[frame_records.METADATA_KEY] for b in built.values()]
+    assert all(t == tables[0] for t in tables[1:])
     for split in ("train", "test"):
-        sources = [
-            tfds.data_source(
-                "raer/64px", split=split, data_dir=str(tmp_path / f"w{w}"), decoders=skip
-            )
-            for w in built
-        ]
+        sources = [raw_records(tmp_path / f"w{w}", split) for w in built]
         one = sources[0]
+        assert len(one) == sum(tables[0][split]["num_frames"])
         for other in sources[1:]:
             assert len(other) == len(one)
             for i in range(len(one)):
-                assert other[i]["video_id"] == one[i]["video_id"]
-                assert list(other[i]["face"]) == list(one[i]["face"])
-                assert list(other[i]["context"]) == list(one[i]["context"])
-                assert list(other[i]["face_box_found"]) == list(one[i]["face_box_found"])
+                for field in ("video_id", "frame_index", "face", "context", "face_box_found"):
+                    assert other[i][field] == one[i][field], (split, i, field)
 
 
 def test_first_bad_frame_reported_whatever_the_threads(tmp_path):

@@ -17,8 +17,9 @@ import skimage.data
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import tfds_raer
+import tfds_raer  # noqa: F401  (registers "raer")
 from caer_jax.data import augment, pipeline, sampling
+from caer_jax.data.clips import ClipSource
 from tfds_raer.raer import raer_lib
 
 SIZE = 224
@@ -114,14 +115,17 @@ def photo_dataset(tmp_path_factory):
     return {c[0]: c for c in clips}, built
 
 
+def _stored_clips(data_dir) -> ClipSource:
+    """Every stored clip, train then test."""
+    source = ClipSource.open("raer/224px", "train+test", str(data_dir))
+    assert len(source) == len(PHOTOS) * len(FRAME_SIZES)
+    return source
+
+
 def _records(data_dir):
-    decoders = {s: tfds_raer.raer.SkipFrameDecoding() for s in ("face", "context")}
-    for split in ("train", "test"):
-        source = tfds.data_source(
-            "raer/224px", split=split, data_dir=str(data_dir), decoders=decoders
-        )
-        for i in range(len(source)):
-            yield source[i]
+    """(video_id, {"face": [bytes], "context": [bytes], ...}) of every clip: all its frames."""
+    for clip in _stored_clips(data_dir):
+        yield clip.video_id, clip.read_all()
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -131,8 +135,9 @@ def _decode(data: bytes) -> np.ndarray:
 def test_lossless_storage_holds_the_authors_crops_exactly(photo_dataset):
     clips, built = photo_dataset
     checked = 0
-    for record in _records(built["png"]):
-        _, frames, face_boxes, body = clips[record["video_id"].decode()]
+    for video_id, record in _records(built["png"]):
+        _, frames, face_boxes, body = clips[video_id]
+        assert len(record["face"]) == len(record["context"]) == len(frames)
         for t, frame in enumerate(frames):
             np.testing.assert_array_equal(
                 _decode(record["face"][t]), authors_face(frame, face_boxes[t])
@@ -147,8 +152,9 @@ def test_lossless_storage_holds_the_authors_crops_exactly(photo_dataset):
 def test_jpeg_storage_is_the_jpeg_of_the_authors_crops(photo_dataset):
     clips, built = photo_dataset
     errors = []
-    for record in _records(built["jpeg"]):
-        _, frames, face_boxes, body = clips[record["video_id"].decode()]
+    for video_id, record in _records(built["jpeg"]):
+        _, frames, face_boxes, body = clips[video_id]
+        assert len(record["face"]) == len(record["context"]) == len(frames)
         for t, frame in enumerate(frames):
             for stored, want in (
                 (record["face"][t], authors_face(frame, face_boxes[t])),
@@ -171,9 +177,10 @@ def test_train_frames_follow_the_authors_order_rotate_resize_flip(photo_dataset,
         num_segments=3, duration=1, image_size=SIZE, rotation_degrees=4.0, flip_prob=0.5
     )
     draws = set()
-    for index, record in enumerate(_records(built["png"])):
-        _, frames, face_boxes, body = clips[record["video_id"].decode()]
-        out = loader.load(record, index, np.random.default_rng([seed, index]))
+    for index, clip in enumerate(_stored_clips(built["png"])):
+        _, frames, face_boxes, body = clips[clip.video_id]
+        assert clip.num_frames == len(frames)
+        out = loader.load(clip, index, np.random.default_rng([seed, index]))
         # the loader's draws, in its order: frame offsets, then the face, then the context
         rng = np.random.default_rng([seed, index])
         offsets = sampling.train_indices(len(frames), 3, 1, rng)

@@ -97,8 +97,8 @@ def test_cache_holds_the_encoder_features_of_every_stored_frame(built):
     )
     info, records = _split_records(directory)
     assert info["num_chunks"] == 3  # 7 clips by 3
-    source = pipeline.data_source(config, "test")
-    lengths = [len(source[i]["face"]) for i in range(len(source))]
+    source = pipeline.clip_source(config, "test")
+    lengths = [source[i].num_frames for i in range(len(source))]
     assert sorted(lengths) == sorted(TEST_FRAMES)
     assert [len(r["face"]) for r in records] == lengths  # in the data source's order
     loader = pipeline.ClipLoader.from_config(config)

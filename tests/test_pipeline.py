@@ -20,6 +20,7 @@ from caer_jax import sharding
 from caer_jax.data import augment, pipeline, sampling
 from caer_jax.prompts import CLASS_NAMES
 from configs import synthetic_tiny
+from tfds_raer.raer import frame_records
 
 SIZE = 16
 TRAIN_FRAMES = [1, 3, 8, 9, 17, 30, 5, 12, 4, 20, 2]  # 11 clips: 2 batches of 4, 3 dropped
@@ -35,25 +36,17 @@ def _frames(num_frames: int, record: int, stream_value: int) -> np.ndarray:
 
 
 class RaerPipelineFixture(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """The RAER builder's features on a few flat-colour clips."""
+    """The RAER builder's record layout (tfds_raer/raer/frame_records.py) on a few flat-colour
+    clips."""
 
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        video = tfds.features.Video((None, SIZE, SIZE, 3), encoding_format="jpeg")
         return tfds.core.DatasetInfo(
             builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "video_id": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                    "num_frames": np.int32,
-                    "face": video,
-                    "context": video,
-                    "face_box_found": tfds.features.Sequence(np.bool_),
-                    "annotation": tfds.features.Text(),
-                }
-            ),
+            features=frame_records.features((SIZE, SIZE, 3), (SIZE, SIZE, 3), "jpeg", CLASS_NAMES),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):
@@ -64,19 +57,24 @@ class RaerPipelineFixture(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         }
 
     def _generate_examples(self, split, lengths):
-        for i, n in enumerate(lengths):
-            yield (
-                f"{split}/{i}",
-                {
-                    "video_id": f"{split}/clip{i:02d}",
-                    "label": i % len(CLASS_NAMES),
-                    "num_frames": n,
-                    "face": _frames(n, i, 50),
-                    "context": _frames(n, i, 200),
-                    "face_box_found": [True] * n,
-                    "annotation": f"{split}.txt:{i + 1}",
-                },
-            )
+        clips = [
+            {
+                "video_id": f"{split}/clip{i:02d}",
+                "label": i % len(CLASS_NAMES),
+                "face": list(_frames(n, i, 50)),
+                "context": list(_frames(n, i, 200)),
+                "face_box_found": [True] * n,
+                "annotation": f"{split}.txt:{i + 1}",
+            }
+            for i, n in enumerate(lengths)
+        ]
+        self.info.metadata.setdefault(frame_records.METADATA_KEY, {})[split] = {
+            "video_id": [c["video_id"] for c in clips],
+            "label": [c["label"] for c in clips],
+            "num_frames": list(lengths),
+        }
+        for position, clip in enumerate(clips):
+            yield from frame_records.frame_examples(position, len(clips), clip)
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +86,14 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def records(data_dir):
-    """Per split: record index -> (num_frames, label, video_id) as the data source orders them."""
+    """Per split: clip index -> (num_frames, label, video_id) as the clip source orders them,
+    read off the frame records themselves."""
     out = {}
     for split in ("train", "test"):
-        source = tfds.data_source("raer_pipeline_fixture", split=split, data_dir=str(data_dir))
+        frames = tfds.data_source("raer_pipeline_fixture", split=split, data_dir=str(data_dir))
+        starts = [r for r in frames if r["frame_index"] == 0]
         out[split] = [
-            (int(r["num_frames"]), int(r["label"]), r["video_id"].decode()) for r in source
+            (int(r["num_frames"]), int(r["label"]), r["video_id"].decode()) for r in starts
         ]
     return out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from caer_jax.data import synthetic
+from caer_jax.data import clips, synthetic
 from tfds_raer.raer import raer_lib
 from tfds_raer.raer.raer_dataset_builder import Builder
 
@@ -48,12 +48,19 @@ def annotations(manual: Path, split: str, file_name: str | None = None) -> dict:
 
 
 def stored(data_dir: Path, split: str) -> dict:
-    ds = tfds.data_source("raer/64px", split=split, data_dir=str(data_dir))
+    """{video_id: (num_frames, label)} of the stored clips; every frame record read."""
+    source = clips.ClipSource.open("raer/64px", split, str(data_dir))
+    records = tfds.data_source("raer/64px", split=split, data_dir=str(data_dir))
+    assert sum(clip.num_frames for clip in source) == len(records)  # one record per frame
     out = {}
-    for i in range(len(ds)):
-        ex = ds[i]
-        assert len(ex["face"]) == len(ex["context"]) == ex["num_frames"]
-        out[ex["video_id"].decode()] = (int(ex["num_frames"]), int(ex["label"]))
+    for clip in source:
+        frames = clip.read_all()  # checks each record is the frame the clip table puts there
+        assert len(frames["face"]) == len(frames["context"]) == clip.num_frames
+        for t in range(clip.num_frames):  # the records agree with the clip table
+            record = records[clip.first_record + t]
+            assert (record["num_frames"], record["label"]) == (clip.num_frames, clip.label)
+        out[clip.video_id] = (clip.num_frames, clip.label)
+    assert len(out) == len(source)  # no clip twice
     return out
 
 

@@ -103,7 +103,7 @@ def encoder_fingerprint(config: ml_collections.ConfigDict, encoder_sha256: str) 
 
 
 def cache_key(config: ml_collections.ConfigDict, split: str, encoder_sha256: str) -> dict:
-    source = pipeline.data_source(config, split)
+    source = pipeline.clip_source(config, split)
     return {
         "format": FORMAT_VERSION,
         "encoder": encoder_fingerprint(config, encoder_sha256),
@@ -111,7 +111,7 @@ def cache_key(config: ml_collections.ConfigDict, split: str, encoder_sha256: str
             "name": config.data.tfds_name,
             "version": str(source.dataset_info.version),
             "split": split,
-            "num_records": len(source),
+            "num_clips": len(source),
         },
         "flipped": config.data.feature_cache.flipped,
     }
@@ -120,7 +120,7 @@ def cache_key(config: ml_collections.ConfigDict, split: str, encoder_sha256: str
 def split_dir(config: ml_collections.ConfigDict, split: str, encoder_sha256: str) -> Path:
     root = config.data.feature_cache.dir
     if not root:
-        info = pipeline.data_source(config, split).dataset_info
+        info = pipeline.clip_source(config, split).dataset_info
         fingerprint = json.dumps(encoder_fingerprint(config, encoder_sha256), sort_keys=True)
         name = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         root = Path(info.data_dir) / "feature_cache" / name
@@ -199,16 +199,11 @@ def _build_chunk(config, source, encode, directory: Path, chunk: int, key: dict,
     }
     labels, num_frames, video_ids = [], [], []
     for index in range(start, stop):
-        record = source[index]
-        n = len(record["face"])
-        if len(record["context"]) != n or n == 0:
-            raise ValueError(
-                f"record {index} ({pipeline._text(record['video_id'])}) of {key['dataset']}: "
-                f"{n} face and {len(record['context'])} context frames"
-            )
+        clip = source[index]
+        n, encoded = clip.num_frames, clip.read_all()
         pixels = {}
         for stream in pipeline.STREAMS:
-            images = [augment.decode_image(data) for data in record[stream]]
+            images = [augment.decode_image(data) for data in encoded[stream]]
             pixels[stream] = augment.transform_frames_uint8(images, config.data.image_size)
             if fc.flipped:  # the pixel path's own flip: after the resize, of every frame
                 flip = augment.Draw(flip=True)
@@ -218,9 +213,9 @@ def _build_chunk(config, source, encode, directory: Path, chunk: int, key: dict,
         features = encode(np.concatenate([pixels[v] for v in all_views]))
         for i, v in enumerate(all_views):
             writers[v].write(np.ascontiguousarray(features[i * n : (i + 1) * n]).tobytes())
-        labels.append(int(record["label"]))
+        labels.append(clip.label)
         num_frames.append(n)
-        video_ids.append(pipeline._text(record["video_id"]))
+        video_ids.append(clip.video_id)
         bar.update(n * len(all_views))
     for writer in writers.values():
         writer.close()
@@ -251,7 +246,7 @@ def build(
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     fc = config.data.feature_cache
-    source = pipeline.data_source(config, split)
+    source = pipeline.clip_source(config, split)
     num_chunks = math.ceil(len(source) / fc.clips_per_chunk)
     todo = []
     for chunk in range(process_index, num_chunks, process_count):

@@ -1,8 +1,8 @@
 """Input pipeline: tfds.data_source + grain, TSN sampling, augmentation, per-host batches.
 
-Records come from `tfds.data_source` (ArrayRecord, random access) with the face and context videos
-left as per-frame encoded bytes (JPEG or PNG), so only the sampled frames are decoded. grain's
-MapDataset API does the rest: a map from the position in the stream to a clip, batching, thread or process prefetch.
+Clips come from `clips.ClipSource` over `tfds.data_source` (ArrayRecord, random access, one
+record per frame): only the sampled frames are read and decoded. grain's MapDataset API does the
+rest: a map from the position in the stream to a clip, batching, thread or process prefetch.
 Its iterator is a `grain.DatasetIterator` whose state (`get_state()`, a small JSON-able dict) is
 what a checkpoint saves (orbax: `grain.checkpoint.CheckpointSave(item=iterator)`).
 
@@ -33,39 +33,36 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
+import tfds_raer  # noqa: F401  (registers the "raer" builder)
 from caer_jax import errors, sharding
-from caer_jax.data import augment, prepare, sampling
-from tfds_raer.raer import SkipFrameDecoding  # also registers the "raer" builder
+from caer_jax.data import augment, clips, prepare, sampling
 
-STREAMS = ("face", "context")
+STREAMS = clips.STREAMS
 PAD_INDEX = -1
 # Distinct seed-sequence prefixes, so that shuffles and per-clip draws never share a stream.
 _SHUFFLE_KEY, _CLIP_KEY = 0, 1
 
 
-def data_source(config: ml_collections.ConfigDict, split: str):
-    """The random-access records of `split`; face and context stay per-frame encoded bytes."""
+def clip_source(config: ml_collections.ConfigDict, split: str) -> clips.ClipSource:
+    """The clips of `split`, by index (the batches' "index")."""
     try:
-        return tfds.data_source(
-            config.data.tfds_name,
-            split=split,
-            data_dir=config.data.data_dir or None,
-            download=False,
-            decoders={stream: SkipFrameDecoding() for stream in STREAMS},
+        return clips.ClipSource.open(
+            config.data.tfds_name, split, data_dir=config.data.data_dir or None
         )
+    except errors.UserError:
+        raise
     except (KeyError, ValueError):
         prepare.check_split(config, split)  # a dataset not built, or no such split: say which
         raise
 
 
-def num_records(config: ml_collections.ConfigDict, split: str) -> int:
-    return len(data_source(config, split))
+def num_clips(config: ml_collections.ConfigDict, split: str) -> int:
+    return len(clip_source(config, split))
 
 
 def video_ids(config: ml_collections.ConfigDict, split: str) -> list[str]:
-    """video_id of every record of `split`, by record index (the batches' "index")."""
-    source = data_source(config, split)
-    return [_text(source[i]["video_id"]) for i in range(len(source))]
+    """video_id of every clip of `split`, by index (the batches' "index")."""
+    return clip_source(config, split).video_ids
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -76,7 +73,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     """Train steps per epoch: whole global batches of the train split (the remainder dropped)."""
-    n = num_records(config, config.data.train_split)
+    n = num_clips(config, config.data.train_split)
     steps = n // config.train.batch_size
     if steps == 0:
         raise errors.BadInputError(
@@ -84,10 +81,6 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
             f"fewer than one batch (config.train.batch_size={config.train.batch_size})"
         )
     return steps
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _local_batch_size(global_batch_size: int, process_count: int, field: str) -> int:
@@ -101,7 +94,7 @@ def _local_batch_size(global_batch_size: int, process_count: int, field: str) ->
 
 @dataclasses.dataclass(frozen=True)
 class ClipLoader:
-    """Record -> model inputs: sample frames, decode them, transform them."""
+    """Clip -> model inputs: sample frames, read and decode them, transform them."""
 
     num_segments: int
     duration: int
@@ -140,23 +133,16 @@ class ClipLoader:
         }
         return frames, draws
 
-    def load(self, record: dict, index: int, rng: np.random.Generator | None) -> dict:
+    def load(self, clip: clips.Clip, index: int, rng: np.random.Generator | None) -> dict:
         """`rng` None: eval sampling, no augmentation; else train sampling and one draw/stream."""
-        num_frames = len(record["face"])
-        if len(record["context"]) != num_frames or num_frames == 0:
-            raise ValueError(
-                f"record {index} ({_text(record['video_id'])}): {num_frames} face frames and "
-                f"{len(record['context'])} context frames; expected the same non-zero number"
-            )
-        frames, draws = self.sample(num_frames, rng)
+        frames, draws = self.sample(clip.num_frames, rng)
+        encoded = clip.read(frames)
         out = {}
         for stream in STREAMS:
-            draw = draws[stream]
-            encoded = record[stream]
-            images = [augment.decode_image(encoded[t]) for t in frames]
+            images = [augment.decode_image(data) for data in encoded[stream]]
             # uint8 all the way to the device (the jitted step makes them float).
-            out[stream] = augment.transform_frames_uint8(images, self.image_size, draw)
-        out["label"] = np.int32(record["label"])
+            out[stream] = augment.transform_frames_uint8(images, self.image_size, draws[stream])
+        out["label"] = np.int32(clip.label)
         out["mask"] = np.bool_(True)
         out["index"] = np.int32(index)
         return out
@@ -294,11 +280,11 @@ def train_iterator(
     config.train.batch_size // process_count clips. Checkpoint with `get_state()` and resume with
     `set_state(state)` on an iterator made with the same arguments; or, with any process count,
     make a new one at the step to resume from (the global batches are the same).
-    `source` and `loader` replace the TFDS records and the ClipLoader (the feature cache's).
+    `source` and `loader` replace the ClipSource and the ClipLoader (the feature cache's).
     """
     start_epoch, first_step = divmod(start_step, steps_per_epoch(config))
     element = _TrainElement(
-        data_source(config, config.data.train_split) if source is None else source,
+        clip_source(config, config.data.train_split) if source is None else source,
         ClipLoader.from_config(config) if loader is None else loader,
         seed=seed,
         global_batch=config.train.batch_size,
@@ -324,7 +310,7 @@ def eval_batches(
     """This process's eval batches of `split`: every clip once over all processes, padded.
     `source` and `loader` as in train_iterator."""
     element = _EvalElement(
-        data_source(config, split) if source is None else source,
+        clip_source(config, split) if source is None else source,
         ClipLoader.from_config(config) if loader is None else loader,
         global_batch=config.train.eval_batch_size,
         process_index=process_index,

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 import tfds_raer  # noqa: F401  (registers the "raer" builder)
 from caer_jax import errors, label_sets
 from caer_jax.data import synthetic
+from tfds_raer.raer import frame_records
 
 
 def _dataset_exists(config: ml_collections.ConfigDict) -> bool:
@@ -28,7 +29,8 @@ def _dataset_exists(config: ml_collections.ConfigDict) -> bool:
     if not builder.is_prepared():
         return False
     if config.data.synthetic.enabled:
-        built = sum(split.num_examples for split in builder.info.splits.values())
+        tables = builder.info.metadata.get(frame_records.METADATA_KEY, {})
+        built = sum(len(table["video_id"]) for table in tables.values())
         _check_clip_count(built, config, f"{builder.data_dir}")
     return True
 
@@ -63,9 +65,21 @@ def _check_classes(config: ml_collections.ConfigDict) -> None:
 
 def not_built_error(config: ml_collections.ConfigDict) -> errors.MissingInputError:
     """The error for a config whose TFDS dataset is not built, with the command that builds it."""
+    builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
+    others = sorted(
+        p.name
+        for p in Path(builder.data_dir).parent.glob("*.*.*")
+        if p.name != str(builder.version)
+    )
+    older = (
+        f" (only version {', '.join(others)} is there, written by an older builder whose "
+        f"records this one cannot read)"
+        if others
+        else ""
+    )
     return errors.MissingInputError(
-        f"TFDS dataset {config.data.tfds_name!r} is not built in "
-        f"{config.data.data_dir or '~/tensorflow_datasets'}; build it first: "
+        f"TFDS dataset {config.data.tfds_name!r} version {builder.version} is not built in "
+        f"{config.data.data_dir or '~/tensorflow_datasets'}{older}; build it first: "
         f"tfds build tfds_raer/raer --manual_dir=/path/to/RAER "
         f"--config={config.data.tfds_name.split('/')[-1]} --data_dir={config.data.data_dir or '...'}"
     )

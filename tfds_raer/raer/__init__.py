@@ -1,7 +1,3 @@
 """The RAER dataset builder ("raer/224px", "raer/64px")."""
 
-from tfds_raer.raer.raer_dataset_builder import (  # noqa: F401
-    Builder,
-    RaerConfig,
-    SkipFrameDecoding,
-)
+from tfds_raer.raer.raer_dataset_builder import Builder, RaerConfig  # noqa: F401

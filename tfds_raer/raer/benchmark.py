@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import tfds_raer  # registers "raer"
+import tfds_raer  # noqa: F401  (registers "raer")
 from caer_jax.data import augment
 from tfds_raer.raer import raer_lib
 
@@ -204,7 +204,7 @@ def face_size_cost(image_size: int = 224, num_segments: int = 16) -> dict[str, A
 def storage_rates(image_size: int = 224, num_frames: int = 16) -> list[dict[str, Any]]:
     """Build rate (one worker thread) and read rate (train clips/s through the pipeline's loader,
     every frame of the clip) of every encoding, on photo clips saved as JPEG 95 source frames."""
-    from caer_jax.data import pipeline  # not needed by the build-rate CLI
+    from caer_jax.data import clips, pipeline  # not needed by the build-rate CLI
 
     root = Path(tempfile.mkdtemp(prefix="raer_storage_"))
     try:
@@ -223,7 +223,7 @@ def storage_rates(image_size: int = 224, num_frames: int = 16) -> list[dict[str,
         (manual / "test.txt").write_text("\n".join(lines[:2]) + "\n")
         (manual / "face_boxes.json").write_text(json.dumps(faces))
         (manual / "body_boxes.json").write_text("{}")
-        loader = pipeline._ClipLoader(num_frames, 1, image_size, 4.0, 0.5)
+        loader = pipeline.ClipLoader(num_frames, 1, image_size, 4.0, 0.5)
         rows = []
         for image_format, quality in ENCODINGS:
             data_dir = root / _name(image_format, quality)
@@ -236,15 +236,10 @@ def storage_rates(image_size: int = 224, num_frames: int = 16) -> list[dict[str,
                 jpeg_quality=quality or 95,
                 quiet=True,
             )
-            source = tfds.data_source(
-                f"raer/{image_size}px",
-                split="train",
-                data_dir=str(data_dir),
-                decoders={s: tfds_raer.raer.SkipFrameDecoding() for s in ("face", "context")},
-            )
-            records = list(enumerate(source[i] for i in range(len(source))))
+            source = clips.ClipSource.open(f"raer/{image_size}px", "train", str(data_dir))
             ms = _per_call_ms(
-                lambda r: loader.load(r[1], r[0], np.random.default_rng(r[0])), records
+                lambda i, source=source: loader.load(source[i], i, np.random.default_rng(i)),
+                range(len(source)),
             )
             rows.append(
                 {

@@ -29,13 +29,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 from absl import app
 from etils import epath
 
 from caer_jax import errors, label_sets
-from tfds_raer.raer import raer_lib
+from tfds_raer.raer import frame_records, raer_lib
 
 # `tfds build` runs the builder under absl's app.run, which would print a user's mistake (a
 # missing manual_dir, a bad annotation line, an unreadable frame) as a traceback: one `error:`
@@ -45,10 +44,12 @@ app.install_exception_handler(errors.ExitOnUserError())
 _DESCRIPTION = """
 RAER: about 2,700 video clips of about 140 students in classrooms, libraries, laboratories and
 dormitories, labelled with one of five academic emotions (Neutrality, Enjoyment, Confusion,
-Fatigue, Distraction) or the classes of another label set. Each example stores, for every frame of
-the clip, the face crop at its source size (face box grown by 20 px, whole frame without a box)
-and the context crop (body box, whole frame without one, letterboxed to SxS with OpenCV as the
-authors), as JPEG or PNG. Labels are 0-based.
+Fatigue, Distraction) or the classes of another label set. Each example is one frame of a clip:
+its face crop at its source size (face box grown by 20 px, whole frame without a box) and its
+context crop (body box, whole frame without one, letterboxed to SxS with OpenCV as the authors),
+as JPEG or PNG, with the clip's video_id, 0-based label and num_frames and the frame's index. The
+frames of a clip are consecutive records, in order; the metadata ("clips") lists every split's
+clips in record order.
 """
 
 _CITATION = """
@@ -127,14 +128,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for RAER (manual download)."""
 
     name = "raer"
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = {
         "1.0.0": "Face and context crops per frame, JPEG, ArrayRecord by default.",
         "2.0.0": "Face crops at their source size (the pipeline rotates, then resizes, as the "
         "authors); context letterboxed with OpenCV as the authors; JPEG quality 95 by default "
         "or PNG (image_format); class names from the label set (label_set); frames stored as "
         "Sequence(Image) features (same records as Video), readable without TensorFlow.",
+        "3.0.0": "One record per frame, the frames of a clip consecutive and in order, and a "
+        "table of the clips in the metadata: a reader reads the frames it samples, not the "
+        "whole clip (tfds_raer/raer/frame_records.py).",
     }
+
     BUILDER_CONFIGS = [
         _make_config(224, "224x224 crops, the paper's setting."),
         _make_config(64, "64x64 crops, for the tiny embedded default."),
@@ -203,26 +208,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             homepage="https://github.com/zgsfer/CLIP-CAER",
             citation=_CITATION,
             metadata=tfds.core.MetadataDict(),
+            # Records in key order (frame_records.frame_examples): a clip's frames consecutive.
+            disable_shuffling=True,
         )
 
     def _features(self) -> tfds.features.FeaturesDict:
-        s, fmt = self.builder_config.image_size, self.options.image_format
-        return tfds.features.FeaturesDict(
-            {
-                "video_id": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=self.label_set.class_names),
-                "num_frames": tfds.features.Scalar(dtype=np.int32),
-                # Frames as a sequence of encoded images (stored exactly as tfds.features.Video
-                # stores them, but Video needs TensorFlow merely to be constructed, and every
-                # reader constructs the features: training on an accelerator host without
-                # TensorFlow would fail). Face frames keep their source size, which varies from
-                # frame to frame: read them with tfds.data_source, or with SkipDecoding in
-                # as_dataset.
-                "face": _frames((None, None, 3), fmt),
-                "context": _frames((s, s, 3), fmt),
-                "face_box_found": tfds.features.Sequence(tfds.features.Scalar(dtype=np.bool_)),
-                "annotation": tfds.features.Text(),
-            }
+        s = self.builder_config.image_size
+        # Face crops keep their source size, which varies from frame to frame; the context is
+        # letterboxed to SxS. Frames are Image features (not Video, which needs TensorFlow merely
+        # to be constructed, and every reader constructs the features).
+        return frame_records.features(
+            (None, None, 3), (s, s, 3), self.options.image_format, self.label_set.class_names
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -272,10 +268,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, clips: list[raer_lib.ClipSpec]) -> Iterator:
         opts = self.options
         problems = self._problems[split]
-        meta = []
+        meta, table = [], collections.defaultdict(list)
         start = time.perf_counter()
         workers = _num_workers(opts.num_workers)
-        for clip, result in _encode_in_order(clips, opts, workers):
+        for position, (clip, result) in enumerate(_encode_in_order(clips, opts, workers)):
             if isinstance(result, tuple):  # (reason, message) of a bad clip
                 reason, problem = result
                 message = f"{clip.source}: {clip.video_id}: {problem}"
@@ -292,7 +288,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     "bytes": sum(map(len, result["face"])) + sum(map(len, result["context"])),
                 }
             )
-            yield clip.video_id, result
+            table["video_id"].append(clip.video_id)
+            table["label"].append(clip.label)
+            table["num_frames"].append(result["num_frames"])
+            yield from frame_records.frame_examples(position, len(clips), result)
         if not meta:
             raise raer_lib.RaerFormatError(
                 f"{split} split: no usable clip ({problems.total} skipped: "
@@ -303,27 +302,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         stats["skipped"] = problems.as_dict()
         self._stats[split] = stats
         self.info.metadata.setdefault("statistics", {})[split] = stats
+        self.info.metadata.setdefault(frame_records.METADATA_KEY, {})[split] = dict(table)
         _report(self.name, self.builder_config.name, split, stats)
-
-
-def _frames(frame_shape: tuple, encoding_format: str) -> tfds.features.Sequence:
-    return tfds.features.Sequence(
-        tfds.features.Image(shape=frame_shape, encoding_format=encoding_format)
-    )
-
-
-class SkipFrameDecoding(tfds.decode.SkipDecoding):
-    """Leaves a frame sequence's frames encoded (JPEG or PNG bytes), for
-    `tfds.data_source(..., decoders=...)`.
-
-    `tfds.decode.SkipDecoding` works with `tfds.load`/`as_dataset` (TF) but fails on the NumPy
-    path of `tfds.data_source` for sequence features such as ours (TFDS 4.9.10 has no
-    `decode_batch_example_np` there). With this decoder `example["face"]` is a 1-D object array
-    of per-frame encoded bytes, so a pipeline decodes only the frames it samples.
-    """
-
-    def decode_batch_example_np(self, serialized_example):
-        return serialized_example
 
 
 def _check_options(o: RaerConfig) -> None:
