@@ -82,7 +82,7 @@ _E2E_WORKERS = flags.DEFINE_list(
 _E2E_REPEAT = flags.DEFINE_integer(
     "e2e_repeat",
     1,
-    "End to end: store every record this many times (many steps from a small carried build).",
+    "End to end: store every clip this many times (many steps from a small carried build).",
 )
 _E2E_PIPELINE_BATCHES = flags.DEFINE_integer(
     "e2e_pipeline_batches", 8, "End to end: batches timed per pipeline worker count."
@@ -462,7 +462,7 @@ def measure(scratch: Path, cache: Path) -> dict:
             dtype=_PAPER_DTYPES.value[0],
             worker_counts=[int(w) for w in _E2E_WORKERS.value],
             pipeline_batches=_E2E_PIPELINE_BATCHES.value,
-            repeat_records=_E2E_REPEAT.value,
+            repeat_clips=_E2E_REPEAT.value,
             measure_step=lambda config, steps_per_epoch: bench_model(
                 config,
                 _E2E_BATCH.value,

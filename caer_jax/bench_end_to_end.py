@@ -240,13 +240,13 @@ def run(
     dtype: str,
     worker_counts: list[int],
     pipeline_batches: int,
-    repeat_records: int,
+    repeat_clips: int,
     measure_step: Callable[[ml_collections.ConfigDict, int], dict],
 ) -> dict:
     """All end-to-end figures (see the module docstring) as a dict. `scratch` is a temporary
     folder; `cache` the persistent compilation cache of the calling process, which the training
     processes share (empty before the cold run). `measure_step(config, steps_per_epoch)` times
-    the step alone (bench.bench_model). With `repeat_records` > 1 every record of a copy of
+    the step alone (bench.bench_model). With `repeat_clips` > 1 every clip of a copy of
     the dataset is stored that many times (see `repeat_clips_of`)."""
     from caer_jax.data import pipeline as pipeline_lib
 
@@ -254,8 +254,8 @@ def run(
     synthetic = not data_dir
     if synthetic:
         data_dir = str(build_raer_length_clips(scratch, num_clips))
-    if repeat_records > 1:
-        data_dir = str(repeat_clips_of(Path(data_dir), scratch / "repeated", repeat_records))
+    if repeat_clips > 1:
+        data_dir = str(repeat_clips_of(Path(data_dir), scratch / "repeated", repeat_clips))
     build_seconds = time.perf_counter() - started
     config = paper_config(data_dir, batch_size, epochs, dtype)
     cold = train_process(config, scratch / "cold", cache)
@@ -268,7 +268,7 @@ def run(
     ratio = cold.get("train_clips_per_s", 0.0) / step["train_clips_per_s"]
     return {
         "data": (f"{num_clips} synthetic RAER-length clips" if synthetic else data_dir)
-        + (f", each record stored {repeat_records} times" if repeat_records > 1 else ""),
+        + (f", each clip stored {repeat_clips} times" if repeat_clips > 1 else ""),
         "dataset_build_s": build_seconds,
         "batch_clips": batch_size,
         "dtype": dtype,
