@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -42,11 +43,17 @@ def param_groups(params: Any, *, freeze_image_encoder: bool = False) -> Any:
 
 
 def lr_schedule(base_lr: float, optim_config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """MultiStepLR stepped per epoch: x gamma after each epoch in `milestones`."""
-    return optax.piecewise_constant_schedule(
+    """MultiStepLR stepped per epoch: x gamma after each epoch in `milestones`; with
+    `warmup_epochs` > 0, first a linear ramp from base_lr / warmup steps to base_lr (the
+    milestones keep their epochs)."""
+    steps = optax.piecewise_constant_schedule(
         base_lr,
         {int(m) * steps_per_epoch: optim_config.gamma for m in optim_config.milestones},
     )
+    warmup = round(optim_config.warmup_epochs * steps_per_epoch)
+    if warmup <= 0:
+        return steps
+    return lambda step: steps(step) * jnp.minimum(1.0, (step + 1) / warmup)
 
 
 def _group_optimizer(

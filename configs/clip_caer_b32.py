@@ -109,6 +109,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.lr.project_fc = 1e-5
     c.optim.milestones = (10, 15)  # epochs after which every learning rate is multiplied by gamma
     c.optim.gamma = 0.1
+    c.optim.warmup_epochs = 0.0  # linear warm-up of every learning rate (the authors have none)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 20

@@ -103,3 +103,17 @@ def test_unknown_optimizer_is_an_error():
     config.name = "lion"
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
         optim.make_optimizer(_params(np.random.default_rng(0)), config, steps_per_epoch=1)
+
+
+def test_warmup_ramps_linearly_and_keeps_the_milestones():
+    config = ml_collections.ConfigDict(clip_caer_b32.get_config().optim.to_dict())
+    config.milestones, config.gamma = (2,), 0.1
+    plain = optim.lr_schedule(1.0, config, steps_per_epoch=4)
+    config.warmup_epochs = 1.5  # 6 steps
+    warm = optim.lr_schedule(1.0, config, steps_per_epoch=4)
+    got = np.array([float(warm(step)) for step in range(12)])
+    want = [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.1]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(plain(step)) for step in range(12)], [1.0] * 8 + [0.1] * 4, rtol=1e-6
+    )
