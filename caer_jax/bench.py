@@ -85,7 +85,7 @@ _E2E_REPEAT = flags.DEFINE_integer(
     "End to end: store every clip this many times (many steps from a small carried build).",
 )
 _E2E_PIPELINE_BATCHES = flags.DEFINE_integer(
-    "e2e_pipeline_batches", 8, "End to end: batches timed per pipeline worker count."
+    "e2e_pipeline_batches", 24, "End to end: batches timed per pipeline worker count."
 )
 _FEATURE_CACHE = flags.DEFINE_bool(
     "feature_cache", False, "Also measure the feature cache against pixels (frozen encoder)."
