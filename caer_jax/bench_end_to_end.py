@@ -182,7 +182,10 @@ def pipeline_rates(
         config = ml_collections.ConfigDict(config.to_dict())
         config.data.worker_count = workers
         iterator = pipeline.train_iterator(config, seed=0, process_index=0, process_count=1)
-        next(iterator)  # start-up (and worker start) is not throughput
+        # Start-up (worker start) is not throughput, and the window should begin in the steady
+        # state: batches read ahead before it would otherwise count as free.
+        for _ in range(2 + workers * config.data.prefetch_buffer_size):
+            next(iterator)
         cpu, start = _cpu_seconds(), time.perf_counter()
         for _ in itertools.islice(iterator, num_batches):
             pass

@@ -27,9 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLIPS = 42
 NUM_TEST = 9
 EVAL_BATCH = 8
-# Both runs use the same (4, 1) mesh; the collectives differ (gloo across processes vs in-process).
-# Measured: identical to the 6 decimals of predictions.csv.
-PROB_TOL = 1e-5
+# Both runs use the same (4, 1) mesh; the collectives differ (gloo across processes vs in-process),
+# and so may the order of float additions. Measured: identical to the 6 decimals of
+# predictions.csv without a learning-rate warm-up, 1.9e-5 apart with the tiny default's one-epoch
+# warm-up. A batch on the wrong process or a missing gradient would move them by far more.
+PROB_TOL = 1e-4
 
 
 def tiny_overrides(root: Path) -> dict:
