@@ -18,6 +18,7 @@ import tiny_runs
 import torch
 from test_convert import _tiny_official
 
+import tfds_raer
 from caer_jax import errors, train
 from caer_jax.data import prepare
 from caer_jax.models import hub
@@ -117,6 +118,21 @@ def test_clip_weights_of_random_bytes_are_called_corrupt(tmp_path):
     weights.write_bytes(os.urandom(4096))
     with pytest.raises(clip_weights.WeightsError, match=f"{weights}: truncated or corrupt"):
         clip_weights.load_clip_params(weights)
+
+
+def test_a_build_of_another_builder_version_is_named(tmp_path):
+    config = synthetic_tiny.get_config()
+    config.data.data_dir = str(tmp_path)
+    config.data.synthetic.enabled = False
+    (tmp_path / "raer/64px/2.0.0").mkdir(parents=True)  # what a 2.0.0 build leaves
+    version = tfds_raer.raer.Builder.VERSION
+    (tmp_path / f"raer/64px/incomplete.X1_{version}").mkdir()  # an interrupted build
+    with pytest.raises(errors.MissingInputError) as raised:
+        prepare.prepare_data(config)
+    message = str(raised.value)
+    assert f"version {version} is not built" in message
+    assert "(only version 2.0.0 is there, written by another builder version" in message
+    assert "incomplete" not in message and "tfds build tfds_raer/raer" in message
 
 
 def test_config_file_that_does_not_exist(tmp_path):

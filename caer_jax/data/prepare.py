@@ -69,11 +69,11 @@ def not_built_error(config: ml_collections.ConfigDict) -> errors.MissingInputErr
     others = sorted(
         p.name
         for p in Path(builder.data_dir).parent.glob("*.*.*")
-        if p.name != str(builder.version)
+        if p.name != str(builder.version) and p.name.replace(".", "").isdigit()
     )
     older = (
-        f" (only version {', '.join(others)} is there, written by an older builder whose "
-        f"records this one cannot read)"
+        f" (only version {', '.join(others)} is there, written by another builder version "
+        f"whose records this one cannot read)"
         if others
         else ""
     )
