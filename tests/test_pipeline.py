@@ -68,11 +68,10 @@ class RaerPipelineFixture(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             }
             for i, n in enumerate(lengths)
         ]
-        self.info.metadata.setdefault(frame_records.METADATA_KEY, {})[split] = {
-            "video_id": [c["video_id"] for c in clips],
-            "label": [c["label"] for c in clips],
-            "num_frames": list(lengths),
-        }
+        table = frame_records.ClipTable.of_clips(
+            (c["video_id"], c["label"], len(c["face"])) for c in clips
+        )
+        self.info.metadata.setdefault(frame_records.METADATA_KEY, {})[split] = table.to_json()
         for position, clip in enumerate(clips):
             yield from frame_records.frame_examples(position, len(clips), clip)
 

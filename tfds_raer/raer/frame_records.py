@@ -19,7 +19,7 @@ layout (the RAER builder, the tests' fixtures) use `features`, `frame_examples` 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,12 @@ class ClipTable:
     video_ids: tuple[str, ...] = ()
     labels: tuple[int, ...] = ()
     num_frames: tuple[int, ...] = ()
+
+    @classmethod
+    def of_clips(cls, rows: Iterable[tuple[str, int, int]]) -> ClipTable:
+        """The table of (video_id, label, num_frames) rows, one per clip in record order."""
+        rows = list(rows)
+        return cls(*(tuple(column) for column in zip(*rows, strict=True))) if rows else cls()
 
     def __len__(self) -> int:
         return len(self.video_ids)

@@ -268,7 +268,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, clips: list[raer_lib.ClipSpec]) -> Iterator:
         opts = self.options
         problems = self._problems[split]
-        meta, table = [], collections.defaultdict(list)
+        meta, written = [], []  # written: (video_id, label, num_frames) of each clip
         start = time.perf_counter()
         workers = _num_workers(opts.num_workers)
         for position, (clip, result) in enumerate(_encode_in_order(clips, opts, workers)):
@@ -288,9 +288,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     "bytes": sum(map(len, result["face"])) + sum(map(len, result["context"])),
                 }
             )
-            table["video_id"].append(clip.video_id)
-            table["label"].append(clip.label)
-            table["num_frames"].append(result["num_frames"])
+            written.append((clip.video_id, clip.label, result["num_frames"]))
             yield from frame_records.frame_examples(position, len(clips), result)
         if not meta:
             raise raer_lib.RaerFormatError(
@@ -302,7 +300,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         stats["skipped"] = problems.as_dict()
         self._stats[split] = stats
         self.info.metadata.setdefault("statistics", {})[split] = stats
-        self.info.metadata.setdefault(frame_records.METADATA_KEY, {})[split] = dict(table)
+        table = frame_records.ClipTable.of_clips(written)
+        self.info.metadata.setdefault(frame_records.METADATA_KEY, {})[split] = table.to_json()
         _report(self.name, self.builder_config.name, split, stats)
 
 
