@@ -128,14 +128,7 @@ def evaluate_checkpoint(
     )
 
     if config.data.feature_cache.enabled:  # where missing, from the restored encoder
-        feature_cache.build(
-            config,
-            model,
-            params,
-            split,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        feature_cache.build_here(config, model, params, [split])
     step_fn = make_eval_step(model, config, mesh, params)
     summary = evaluate(step_fn, params, config, split, mesh)
     predictions = summary.pop("predictions")

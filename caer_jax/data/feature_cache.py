@@ -350,6 +350,13 @@ def prepare(config: ml_collections.ConfigDict, model, init_rng: jax.Array) -> An
         return None
     params = caer.init_params(model, config.model, init_rng)
     splits = (config.data.train_split, config.train.selection_split, config.data.eval_split)
+    build_here(config, model, params, splits)
+    return params
+
+
+def build_here(config: ml_collections.ConfigDict, model, params: Any, splits) -> None:
+    """`build` of each of `splits` (once each) as this process of the running job: every
+    process calls it, and builds its share."""
     for split in dict.fromkeys(splits):
         build(
             config,
@@ -359,12 +366,20 @@ def prepare(config: ml_collections.ConfigDict, model, init_rng: jax.Array) -> An
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-    return params
 
 
 def apply_method(config: ml_collections.ConfigDict) -> str | None:
     """The CLIPCAER method the steps apply: the head on features, or the whole model on pixels."""
     return "from_features" if config.data.feature_cache.enabled else None
+
+
+def _source_and_loader(config: ml_collections.ConfigDict, split: str, params: Any) -> tuple:
+    """The cache's (source, loader) of `split` for the pipeline, or (None, None) without the
+    cache (the pipeline's own ClipSource and ClipLoader)."""
+    if not config.data.feature_cache.enabled:
+        return None, None
+    source = open_split(config, split, params)
+    return source, FeatureLoader(config, source.feature_dim)
 
 
 def train_iterator(
@@ -377,10 +392,7 @@ def train_iterator(
     start_step: int = 0,
 ) -> grain.DatasetIterator:
     """pipeline.train_iterator, from the cache when it is enabled (`params`: its encoder)."""
-    source = loader = None
-    if config.data.feature_cache.enabled:
-        source = open_split(config, config.data.train_split, params)
-        loader = FeatureLoader(config, source.feature_dim)
+    source, loader = _source_and_loader(config, config.data.train_split, params)
     return pipeline.train_iterator(
         config,
         seed=seed,
@@ -401,10 +413,7 @@ def eval_batches(
     process_count: int,
 ):
     """pipeline.eval_batches, from the cache when it is enabled (`params`: its encoder)."""
-    source = loader = None
-    if config.data.feature_cache.enabled:
-        source = open_split(config, split, params)
-        loader = FeatureLoader(config, source.feature_dim)
+    source, loader = _source_and_loader(config, split, params)
     return pipeline.eval_batches(
         config,
         split,
