@@ -12,6 +12,7 @@ import difflib
 import logging as py_logging
 import os
 import re
+import traceback
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -137,6 +138,27 @@ def _unknown_config_field(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _config_file_fault(error: BaseException, argv: Sequence[str]) -> str | None:
+    """The message for an exception that a config file named in `argv` raised (a syntax error,
+    or an error of its get_config that absl does not wrap), naming the file and line; None when
+    the exception did not come from such a file."""
+    files = {}
+    for name in _config_flags():
+        value = _config_argument(argv, name)
+        if value is not None:
+            files[os.path.realpath(value.split(":", 1)[0])] = f"--{name}={value}"
+    if isinstance(error, SyntaxError):
+        places, what = [(error.filename or "", error.lineno)], error.msg
+    else:
+        places = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+        what = str(error)
+    for filename, line in reversed(places):  # the innermost line of the file is the one to fix
+        flag = files.get(os.path.realpath(filename)) if filename else None
+        if flag:
+            return f"{flag}: {filename} line {line}: {type(error).__name__}: {what}"
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (app.run's flags_parser) with user mistakes as one `error:` line."""
     with errors.reported():
@@ -144,15 +166,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        # A bad value, an unknown flag, or an error raised inside the config file (whose
-        # message ml_collections fills with the traceback: its first and last lines say it).
+        # A bad value, an unknown flag, or a ValueError or TypeError raised inside the config file
+        # (whose message ml_collections fills with the traceback: its first and last lines say it).
         lines = [line for line in str(e).splitlines() if line.strip()]
         message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
         errors.fail(f"{message} (--helpfull lists the flags)")
-    except (AttributeError, KeyError):
+    except Exception as e:
+        fault = _config_file_fault(e, argv)
+        if fault:
+            errors.fail(fault)
         # ml_collections raises these from inside the parser for an override of an unknown
         # field; anything else is not a mistake of the user's and keeps its traceback.
-        unknown = _unknown_config_field(argv)
+        unknown = _unknown_config_field(argv) if isinstance(e, (AttributeError, KeyError)) else None
         if unknown is None:
             raise
         errors.fail(unknown)

@@ -147,6 +147,22 @@ def test_config_file_that_does_not_exist(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "body, line, kind",
+    [
+        ("def get_config(:\n    pass\n", 1, "SyntaxError: invalid syntax"),
+        ("def get_config():\n    steps = 0\n    return 1 / steps\n", 3, "ZeroDivisionError"),
+        ("def get_config():\n    return None.field\n", 2, "AttributeError"),
+    ],
+    ids=["syntax", "get_config raises", "attribute of get_config"],
+)
+def test_a_broken_config_file_is_named_with_its_line(tmp_path, body, line, kind):
+    config = tmp_path / "mine.py"
+    config.write_text(body)
+    result = python("caer_jax.train", f"--config={config}", f"--workdir={tmp_path}", home=tmp_path)
+    assert_user_error(result, f"--config={config}: {config} line {line}: {kind}")
+
+
+@pytest.mark.parametrize(
     "module, args, fragments",
     [
         ("caer_jax.eval", [TINY, "--step=best", "--config.data.num_segmnets=4"], ["num_segments"]),
