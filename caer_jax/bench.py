@@ -164,7 +164,7 @@ def step_flops(config: ml_collections.ConfigDict, batch_size: int, steps_per_epo
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
         for k, (shape, dtype) in shapes.items()
     }
-    cost = setup.step_fn.lower(state, batch).cost_analysis()
+    cost = setup.step_fn.lower(state, batch, setup.dropout_rng).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"])
 
@@ -207,12 +207,12 @@ def bench_model(
     setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
     state = setup.initial_state(config, _initial_params(setup, config))
     batch = random_batch(config, batch_size, mesh)
-    compiled = setup.step_fn.lower(state, batch).compile()
+    compiled = setup.step_fn.lower(state, batch, setup.dropout_rng).compile()
     flops = step_flops(config, batch_size, steps_per_epoch)
     holder = [state]  # the step donates its input state
 
     def step():
-        holder[0], step_metrics = compiled(holder[0], batch)
+        holder[0], step_metrics = compiled(holder[0], batch, setup.dropout_rng)
         return step_metrics["loss"]
 
     rate_before = reference_rate()

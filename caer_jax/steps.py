@@ -45,10 +45,10 @@ def micro_batches(batch: dict, grad_accum_steps: int) -> dict:
 def train_step(
     state: state_lib.TrainState,
     batch: dict,
+    dropout_rng: jax.Array,
     *,
     model,
     tx: optax.GradientTransformation,
-    dropout_rng: jax.Array,
     streams: str,
     grad_accum_steps: int = 1,
     method: str | None = None,

@@ -157,26 +157,31 @@ def jit_train_step(
     model,
     tx,
     *,
-    dropout_rng,
     streams: str,
     grad_accum_steps: int,
     state_shardings,
     mesh,
     method: str | None = None,
 ):
-    """steps.train_step jitted for `mesh`: state laid out by `state_shardings` (and donated),
-    batches split over the mesh, metrics replicated. `method`: as steps.train_step."""
+    """steps.train_step jitted for `mesh` as f(state, batch, dropout_rng): state laid out by
+    `state_shardings` (and donated), batches split over the mesh, the key and the metrics
+    replicated. The key is an argument, not a constant of the program, so that runs with other
+    seeds compile the same program (and load it from the persistent compilation cache).
+    `method`: as steps.train_step."""
     return jax.jit(
         functools.partial(
             steps.train_step,
             model=model,
             tx=tx,
-            dropout_rng=dropout_rng,
             streams=streams,
             grad_accum_steps=grad_accum_steps,
             method=method,
         ),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        in_shardings=(
+            state_shardings,
+            sharding.batch_sharding(mesh),
+            sharding.replicated(mesh),
+        ),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -191,9 +196,10 @@ class TrainingSetup:
     tx: Any
     abstract: state_lib.TrainState
     state_shardings: Any
-    step_fn: Any
+    step_fn: Any  # f(state, batch, dropout_rng)
     eval_fn: Any
     init_rng: jax.Array
+    dropout_rng: jax.Array
 
     @classmethod
     def create(cls, config, model, mesh, steps_per_epoch: int) -> TrainingSetup:
@@ -209,7 +215,6 @@ class TrainingSetup:
         step_fn = jit_train_step(
             model,
             tx,
-            dropout_rng=dropout_rng,
             streams=config.model.streams,
             grad_accum_steps=config.train.grad_accum_steps,
             state_shardings=state_shardings,
@@ -217,7 +222,7 @@ class TrainingSetup:
             method=feature_cache.apply_method(config),
         )
         eval_fn = evaluation.make_eval_step(model, config, mesh, abstract.params)
-        return cls(model, tx, abstract, state_shardings, step_fn, eval_fn, init_rng)
+        return cls(model, tx, abstract, state_shardings, step_fn, eval_fn, init_rng, dropout_rng)
 
     def initial_state(self, config, params: Any = None) -> state_lib.TrainState:
         """A fresh state (from `params` if given) laid out on the mesh by one program (op by
@@ -354,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch, host = next(train_iter)
-            state, step_metrics = step_fn(state, batch)
+            state, step_metrics = step_fn(state, batch, setup.dropout_rng)
             pending.add(step, step_metrics, host["index"])
             last_step = step
             if step == start_step + 1:

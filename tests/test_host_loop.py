@@ -3,7 +3,8 @@
 - Batches prefetched onto the devices and metrics read only at log steps reach bitwise the
   parameters of a plain loop that moves each batch when it needs it and reads every step back.
 - The prefetcher's checkpointed position is that of the batches used, not of those buffered.
-- A second start with the same persistent compilation cache loads its programs from it.
+- A second start with the same persistent compilation cache loads its programs from it, also
+  with another seed (the dropout key is an argument of the train step, not a constant in it).
 """
 
 import json
@@ -41,7 +42,8 @@ def _reference_parameters(config) -> dict:
     state = setup.initial_state(config)
     batches = pipeline.train_iterator(config, seed=config.seed, process_index=0, process_count=1)
     for _ in range(steps_per_epoch * config.train.num_epochs):
-        state, metrics = setup.step_fn(state, pipeline.global_batch(next(batches), mesh))
+        batch = pipeline.global_batch(next(batches), mesh)
+        state, metrics = setup.step_fn(state, batch, setup.dropout_rng)
         assert jax.device_get(metrics)["finite"]
     batches.close()
     return jax.device_get(state.params)
@@ -94,7 +96,7 @@ def test_prefetch_state_is_the_position_of_the_batches_used(settings):
 
 def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, tmp_path):
     cache = tmp_path / "cache"
-    for name in ("first", "second"):
+    for name, seed in (("first", 42), ("second", 7)):
         run = subprocess.run(
             [
                 sys.executable,
@@ -104,6 +106,7 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, 
                 f"--workdir={tmp_path / name}",
                 f"--compilation_cache={cache}",
                 *tiny_runs.flags(settings),
+                f"--config.seed={seed}",
             ],
             cwd=REPO,
             capture_output=True,

@@ -99,7 +99,6 @@ def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1):
     step_fn = train.jit_train_step(
         model,
         tx,
-        dropout_rng=dropout_rng,
         streams=config.model.streams,
         grad_accum_steps=grad_accum_steps,
         state_shardings=shardings,
@@ -107,7 +106,8 @@ def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1):
     )
     losses = []
     for batch in batches:
-        state, metrics = step_fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+        state, metrics = step_fn(state, batch, dropout_rng)
         assert bool(metrics["finite"])
         losses.append(float(metrics["loss"]))
     return np.asarray(losses), jax.device_get(state.params), shardings
