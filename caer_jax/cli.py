@@ -21,8 +21,9 @@ from ml_collections.config_flags.config_flags import is_config_flag
 
 from caer_jax import compilation, distributed, errors
 
-# Libraries whose INFO lines (orbax logs every handler registration) drown the training log.
-_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
+# Libraries whose INFO lines (orbax logs every handler registration, httpx every request to the
+# Hugging Face hub) drown the training log.
+_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/httpx")
 
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",

@@ -2,13 +2,17 @@
 authors' checkpoint converts, evaluates, predicts and resumes with no network and no tokenizer.
 
 The commands run in their own processes, as a user runs them. Hub ids meet an endpoint on which
-nothing listens (HF_ENDPOINT) and an empty cache (HF_HOME): a machine without network.
+nothing listens (HF_ENDPOINT) and an empty cache (HF_HOME): a machine without network; or a local
+server that answers as the hub does for a repository that does not exist.
 """
 
+import http.server
 import json
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,19 +35,23 @@ HUB_ID = "openai/clip-vit-base-patch32"
 TINY = f"--config={REPO / 'configs/synthetic_tiny.py'}"
 
 
-def run(argv: list[str], home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(
+    argv: list[str], home: Path, timeout: int = 300, hub: str = UNREACHABLE
+) -> subprocess.CompletedProcess:
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(home),
         "PYTHONPATH": str(REPO),
         "HF_HOME": str(home / "hf"),
-        "HF_ENDPOINT": UNREACHABLE,
+        "HF_ENDPOINT": hub,
     }
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
 
 
-def python(module: str, *args: str, home: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", module, *args], home)
+def python(
+    module: str, *args: str, home: Path, hub: str = UNREACHABLE
+) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", module, *args], home, hub=hub)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -326,3 +334,55 @@ def test_resume_needs_no_tokenizer(converted, tmp_path, monkeypatch):
     finally:
         hub.hub_reachable.cache_clear()
     assert results["step"] == 1 and results["num_clips"] > 0
+
+
+class _HubWithoutRepositories(http.server.BaseHTTPRequestHandler):
+    """Answers every request as huggingface.co answers one for a repository that does not exist
+    (or that the caller may not see)."""
+
+    def _repository_not_found(self):
+        self.send_response(401)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("X-Error-Message", "Repository not found")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _repository_not_found
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def reachable_hub():
+    """The URL of a hub that is reachable and holds no repository."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubWithoutRepositories)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_hub_id_the_reachable_hub_does_not_have(reachable_hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from caer_jax.models import clip_weights
+
+    mistyped = "openai/clip-vit-base-patch-32"
+    result = python(
+        "caer_jax.train",
+        TINY,
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.model.clip.source={mistyped}",
+        home=tmp_path,
+        hub=reachable_hub,
+    )  # the tokenizer is fetched first
+    expected = f"config.model.clip.source={mistyped!r}: not found in the Hugging Face hub"
+    assert_user_error(result, expected, reachable_hub, "check the id")
+    monkeypatch.setattr(constants, "ENDPOINT", reachable_hub)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub.hub_reachable.cache_clear()
+    try:
+        with pytest.raises(errors.MissingInputError, match=re.escape(expected)):
+            clip_weights.load_clip_params(mistyped)
+    finally:
+        hub.hub_reachable.cache_clear()

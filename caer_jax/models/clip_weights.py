@@ -473,25 +473,22 @@ def _download(repo_id: str) -> Path:
         "tokenizer*.json",
         "special_tokens_map.json",
     ]
-    local = hub.local_files_only(repo_id, "config.json", "config.model.clip.source")
-    try:
+
+    def load(local: bool) -> Path:
         folder = Path(
             snapshot_download(
                 repo_id, allow_patterns=common + ["model.safetensors"], local_files_only=local
             )
         )
-        if not (folder / "model.safetensors").exists():
-            folder = Path(
-                snapshot_download(
-                    repo_id, allow_patterns=common + ["pytorch_model.bin"], local_files_only=local
-                )
+        if (folder / "model.safetensors").exists():
+            return folder
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=common + ["pytorch_model.bin"], local_files_only=local
             )
-        return folder
-    except Exception as e:  # noqa: BLE001 - any hub failure gets the same explanation
-        raise WeightsError(
-            f"could not download the Hugging Face CLIP {repo_id!r} ({type(e).__name__}: {e}); "
-            "without a network, pass a local folder or file as config.model.clip.source"
-        ) from e
+        )
+
+    return hub.fetch(repo_id, "config.json", "config.model.clip.source", load)
 
 
 def load_clip_params(source: str | os.PathLike, geometry: CLIPGeometry | None = None) -> dict:

@@ -158,8 +158,12 @@ def load_tokenizer(clip_cfg: Any) -> Any:
     elif path.is_dir():
         tok = CLIPTokenizer.from_pretrained(source)
     elif hub.is_hub_id(source):
-        local = hub.local_files_only(source, "vocab.json", "config.model.clip.source")
-        tok = CLIPTokenizer.from_pretrained(source, local_files_only=local)
+        tok = hub.fetch(
+            source,
+            "vocab.json",
+            "config.model.clip.source",
+            lambda local: CLIPTokenizer.from_pretrained(source, local_files_only=local),
+        )
     else:
         raise errors.MissingInputError(
             f"config.model.clip.source={source!r}: no such file or folder (give a Hugging Face "
