@@ -1,7 +1,8 @@
 """Several hosts on one machine: `launch/local.sh 2 --devices-per-process 2` trains, checkpoints
 and evaluates like one process with 4 devices; its mid-epoch checkpoint resumes in one process to
 the same result; evaluation of that checkpoint over 2 processes and over 1, 2 and 8 devices of one
-process counts every test clip once with the same metrics.
+process counts every test clip once with the same metrics; the feature cache built by 2 processes
+(each its own chunks, joined by barriers) holds what one process builds, and trains the same.
 
 The synthetic dataset has 42 clips: 33 train (4 steps of 8, one clip dropped) and 9 test, so the
 eval batch of 8 leaves a last batch of 1 clip and 7 padding rows.
@@ -21,7 +22,7 @@ import pytest
 import tiny_runs
 
 from caer_jax import evaluation, sharding, train
-from caer_jax.data import prepare
+from caer_jax.data import feature_cache, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLIPS = 42
@@ -179,3 +180,41 @@ def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatc
         np.testing.assert_allclose(
             tiny_runs.probabilities(predictions), reference_probs, atol=PROB_TOL
         )
+
+
+def test_two_processes_build_the_feature_cache_and_train_from_it_as_one(
+    two_process_run, tmp_path, monkeypatch
+):
+    _, root, _, _ = two_process_run
+    cached = {
+        "model.freeze_image_encoder": True,
+        "data.feature_cache.enabled": True,
+        "data.rotation_degrees": 0.0,
+        "data.feature_cache.clips_per_chunk": 4,  # 33 train clips: 9 chunks, 5 and 4 per process
+    }
+    two, one = tmp_path / "two_processes", tmp_path / "one_process"
+    settings = {**cached, "data.feature_cache.dir": str(two / "cache")}
+    local_sh(root, "caer_jax.train", two, *tiny_runs.flags(settings))
+    config = tiny_runs.config({**tiny_overrides(root), **cached})
+    config.data.feature_cache.dir = str(one / "cache")
+    on_devices(monkeypatch, 4)
+    results = train.train_and_evaluate(config, one)
+    assert_same_results(results, one, two, "feature cache: 2 processes vs 1")
+
+    files = sorted(p.relative_to(two / "cache") for p in (two / "cache").rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(one / "cache") for p in (one / "cache").rglob("*") if p.is_file()
+    )
+    assert len([f for f in files if f.parent.name == "train" and f.suffix == ".json"]) == 9 + 1
+    for f in files:
+        if f.suffix == ".json":  # chunk markers (labels, lengths, ids) and cache_info
+            assert (two / "cache" / f).read_text() == (one / "cache" / f).read_text(), f
+    for split in ("train", "test"):
+        info = json.loads((one / "cache" / split / feature_cache.INFO_FILE).read_text())
+        theirs, ours = (
+            feature_cache.FeatureSource(d / "cache" / split, info["key"]) for d in (two, one)
+        )
+        assert len(theirs) == len(ours) > 0
+        for i in range(len(ours)):
+            for view in feature_cache.views(config.data.feature_cache.flipped):
+                np.testing.assert_allclose(theirs[i][view], ours[i][view], rtol=0, atol=1e-5)

@@ -168,9 +168,10 @@ def _encode_fn(model, encoder_params: Any, frames_per_batch: int):
     mesh = Mesh(np.asarray(devices), ("frames",))
     batch = math.ceil(frames_per_batch / len(devices)) * len(devices)
     params = jax.device_put({"image_encoder": encoder_params}, NamedSharding(mesh, P()))
+    split_frames = NamedSharding(mesh, P("frames"))
     encode = jax.jit(
         lambda p, x: model.apply({"params": p}, x, method="encode_frames"),
-        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("frames"))),
+        in_shardings=(NamedSharding(mesh, P()), split_frames),
         out_shardings=NamedSharding(mesh, P()),
     )
 
@@ -180,6 +181,9 @@ def _encode_fn(model, encoder_params: Any, frames_per_batch: int):
             part = frames[start : start + batch]
             padded = np.zeros((batch, *part.shape[1:]), part.dtype)
             padded[: len(part)] = part
+            # Placed explicitly: with several processes jit refuses a numpy argument that it
+            # would have to split, even over this process's own devices.
+            padded = jax.device_put(padded, split_frames)
             out.append(np.asarray(encode(params, padded), np.float32)[: len(part)])
         return np.concatenate(out)
 
