@@ -345,6 +345,21 @@ def test_worker_processes_give_the_same_batches_and_state(data_dir):
         resumed.close()
 
 
+def test_worker_processes_never_start_a_jax_backend(data_dir, monkeypatch):
+    # On a GPU host a worker that touched JAX would take accelerator memory for itself (75 % of
+    # the GPU, preallocated per process). Workers inherit this environment, in which starting
+    # any JAX backend fails; this process's backend is up already.
+    assert jax.devices()
+    monkeypatch.setenv("JAX_PLATFORMS", "no_such_platform")
+    it = pipeline.train_iterator(
+        _config(data_dir, worker_count=1), seed=0, process_index=0, process_count=1
+    )
+    try:
+        assert next(it)["face"].shape == (4, 4, SIZE, SIZE, 3)
+    finally:
+        it.close()
+
+
 def test_batch_not_divisible_by_processes(data_dir):
     with pytest.raises(ValueError, match="batch_size=4 is not divisible by the 3 processes"):
         pipeline.train_iterator(_config(data_dir), seed=0, process_index=0, process_count=3)
