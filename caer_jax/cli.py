@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections.config_flags.config_flags import is_config_flag
 
-from caer_jax import compilation, distributed, errors
+from caer_jax import compilation, config_check, distributed, errors
 
 # Libraries whose INFO lines (orbax logs every handler registration, httpx every request to the
 # Hugging Face hub) drown the training log.
@@ -46,13 +46,20 @@ def quiet_library_logs() -> None:
 
 
 def start(argv, **required_flags) -> None:
-    """Refuses stray arguments and missing required flags (given as name=value), quiets library
-    logs and initialises jax.distributed when the environment describes several processes."""
+    """Refuses stray arguments, missing required flags (given as name=value), config values out
+    of range (config_check) and a --workdir that is a file; quiets library logs and initialises
+    jax.distributed when the environment describes several processes."""
     if len(argv) > 1:
         raise errors.BadInputError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
     missing = [f"--{name}" for name, value in required_flags.items() if value is None]
     if missing:
         raise errors.BadInputError(f"{' and '.join(missing)} required")
+    for value in required_flags.values():
+        if isinstance(value, ml_collections.ConfigDict):
+            config_check.check(value)
+    workdir = required_flags.get("workdir")
+    if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise errors.BadInputError(f"--workdir={workdir}: is a file; give a folder")
     quiet_library_logs()
     distributed.initialize()
     compilation.enable_persistent_cache(_COMPILATION_CACHE.value)

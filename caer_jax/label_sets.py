@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from caer_jax import prompts
+from caer_jax import errors, prompts
 
 
-class LabelSetError(ValueError):
+class LabelSetError(errors.BadInputError):
     """A label set file is malformed, or two label sets that must agree differ."""
 
 

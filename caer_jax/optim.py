@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from caer_jax import errors
+
 FROZEN = "frozen"
 # Top-level parameter collections of CLIPCAER -> group name (a key of config.optim.lr or FROZEN).
 GROUP_OF_MODULE = {
@@ -68,7 +70,9 @@ def _group_optimizer(
         )
     if optim_config.name == "adamw":
         return optax.adamw(schedule, weight_decay=optim_config.weight_decay)
-    raise ValueError(f"config.optim.name: unknown optimizer {optim_config.name!r} (sgd, adamw)")
+    raise errors.BadInputError(
+        f"config.optim.name={optim_config.name!r}: unknown optimizer (sgd, adamw)"
+    )
 
 
 def make_optimizer(

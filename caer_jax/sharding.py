@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from caer_jax import errors
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated: sharding them saves nothing and costs collectives.
@@ -25,17 +27,19 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
     """Resolves config.mesh (sizes, at most one -1) against the number of devices."""
     sizes = [mesh_config.data, mesh_config.fsdp]
     if sizes.count(-1) > 1:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.mesh: at most one axis may be -1, got data={sizes[0]} fsdp={sizes[1]}"
         )
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.mesh: data={sizes[0]} fsdp={sizes[1]} does not divide {num_devices} devices"
         )
     sizes = [num_devices // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"config.mesh: data={sizes[0]} x fsdp={sizes[1]} != {num_devices} devices")
+        raise errors.BadInputError(
+            f"config.mesh: data={sizes[0]} x fsdp={sizes[1]} != {num_devices} devices"
+        )
     return sizes[0], sizes[1]
 
 

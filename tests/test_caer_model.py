@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from caer_jax import errors
 from caer_jax.models import caer
 from caer_jax.models import tokenizer as tokenizer_lib
 from configs import synthetic_tiny
@@ -218,11 +219,13 @@ def test_init_needs_clip_length_and_checks_it():
 
 
 def test_bad_options_name_the_key():
-    with pytest.raises(ValueError, match="class_token_position"):
+    # User errors (one `error:` line on the command line), raised before any data is read.
+    with pytest.raises(errors.BadInputError, match="class_token_position"):
         caer.build_model(_cfg(**{"prompt.class_token_position": "left"}), tokenizer=_tok())
-    model, _ = caer.build_model(_cfg(streams="faces"), tokenizer=_tok())
-    with pytest.raises(ValueError, match="config.model.streams"):
-        caer.init_params(model, _cfg(), jax.random.key(0), num_frames=T)
+    with pytest.raises(errors.BadInputError, match="config.model.streams='faces'"):
+        caer.build_model(_cfg(streams="faces"), tokenizer=_tok())
+    with pytest.raises(errors.BadInputError, match="config.model.pixel_normalization='imagenet'"):
+        caer.build_model(_cfg(pixel_normalization="imagenet"), tokenizer=_tok())
 
 
 def test_encode_then_head_is_the_whole_model_and_uint8_is_scaled_in_the_graph():

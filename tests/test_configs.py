@@ -1,21 +1,70 @@
 """Every config file loads, its variants work, and unknown keys are errors."""
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from caer_jax import config_check, errors
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
 
 
+VARIANTS = ["", "face", "context", "validation", "feature_cache", "face,feature_cache"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_loads(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
+def test_loads_and_every_value_is_in_range(name, variant):
+    config = importlib.import_module(f"configs.{name}").get_config(variant)
     assert config.model.streams in ("face", "context", "both")
-    assert config.train.batch_size > 0
+    config_check.check(config)  # what every command checks first
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train.batch_size", 0, "config.train.batch_size=0 (expected >= 1)"),
+        ("data.flip_prob", 1.5, "config.data.flip_prob=1.5 (expected in [0, 1])"),
+        ("optim.lr.temporal", -0.01, "config.optim.lr.temporal=-0.01 (expected >= 0)"),
+        ("optim.milestones", (3, -1), "config.optim.milestones[1]=-1 (expected >= 0)"),
+        ("eval.confidence", 1.0, "config.eval.confidence=1.0 (expected in (0, 1))"),
+        (
+            "train.grad_accum_steps",
+            3,
+            "grad_accum_steps=3 does not divide config.train.batch_size=8",
+        ),
+    ],
+)
+def test_values_out_of_range_are_named(field, value, message):
+    from configs import clip_caer_b32
+
+    config = clip_caer_b32.get_config()
+    *parents, leaf = field.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(errors.BadInputError, match=re.escape(message)):
+        config_check.check(config)
+
+
+def test_every_value_out_of_range_is_named_at_once():
+    from configs import clip_caer_b32
+
+    config = clip_caer_b32.get_config()
+    config.data.num_segments = 0
+    config.model.temporal.dropout = 1.0
+    with pytest.raises(errors.BadInputError) as raised:
+        config_check.check(config)
+    assert str(raised.value) == (
+        "config.data.num_segments=0 (expected >= 1); "
+        "config.model.temporal.dropout=1.0 (expected in [0, 1))"
+    )
 
 
 def test_paper_setting():

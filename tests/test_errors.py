@@ -188,6 +188,32 @@ def test_flag_mistakes_at_every_entry_point(tmp_path, module, args, fragments):
     assert_user_error(python(module, *args, home=tmp_path), *fragments)
 
 
+@pytest.mark.parametrize(
+    "module, flag, fragments",
+    [
+        ("caer_jax.train", "--config.train.batch_size=0", ["config.train.batch_size=0 (expected"]),
+        ("caer_jax.eval", "--config.data.num_segments=0", ["config.data.num_segments=0 (expected"]),
+        ("caer_jax.train", "--config.model.streams=faces", ["config.model.streams='faces'"]),
+        ("caer_jax.train", "--config.model.dtype=float64", ["config.model.dtype='float64'"]),
+        ("caer_jax.train", "--config.model.prompt.text_type=nope", ["text_type 'nope'"]),
+        ("caer_jax.train", "--config.model.label_set=nope.json", ["label set file nope.json"]),
+    ],
+)
+def test_config_values_a_run_cannot_use_are_named_before_any_work(
+    tmp_path, module, flag, fragments
+):
+    data = [f"--config.data.data_dir={tmp_path / 'tfds'}", f"--workdir={tmp_path / 'run'}"]
+    assert_user_error(python(module, TINY, *data, flag, home=tmp_path), *fragments)
+    assert not (tmp_path / "tfds").exists()  # refused before the data is prepared
+
+
+def test_a_workdir_that_is_a_file(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("")
+    result = python("caer_jax.train", TINY, f"--workdir={workdir}", home=tmp_path)
+    assert_user_error(result, f"--workdir={workdir}: is a file")
+
+
 def test_tfds_build_without_the_manual_dir(tmp_path):
     result = run(
         [

@@ -8,7 +8,7 @@ import optax
 import pytest
 import torch
 
-from caer_jax import optim
+from caer_jax import errors, optim
 from configs import clip_caer_b32
 
 
@@ -101,7 +101,7 @@ def test_matches_torch_sgd_with_groups_and_multistep():
 def test_unknown_optimizer_is_an_error():
     config = ml_collections.ConfigDict(clip_caer_b32.get_config().optim.to_dict())
     config.name = "lion"
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+    with pytest.raises(errors.BadInputError, match="config.optim.name='lion': unknown optimizer"):
         optim.make_optimizer(_params(np.random.default_rng(0)), config, steps_per_epoch=1)
 
 

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from caer_jax import errors
 from caer_jax.data import augment, pipeline
 from caer_jax.models import caer
 
@@ -57,18 +58,18 @@ FLIPPED = "_flipped"
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuses a config the cache cannot reproduce, naming the field."""
     if not config.model.freeze_image_encoder:
-        raise ValueError(
+        raise errors.BadInputError(
             "config.data.feature_cache.enabled needs config.model.freeze_image_encoder=True: "
             "cached features are those of fixed encoder weights"
         )
     if config.data.rotation_degrees != 0:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.data.rotation_degrees={config.data.rotation_degrees}: the rotation "
             "augmentation changes the pixels before the image encoder and cannot be cached; "
             "set it to 0 to train from the feature cache"
         )
     if config.data.flip_prob > 0 and not config.data.feature_cache.flipped:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.data.flip_prob={config.data.flip_prob} needs flipped features: set "
             "config.data.feature_cache.flipped=True (or flip_prob=0)"
         )
@@ -145,7 +146,7 @@ def _refuse_if_stale(found: dict, expected: dict, where: Path) -> None:
         if found_flat.get(k) != expected_flat.get(k)
     ]
     if changed:
-        raise ValueError(
+        raise errors.BadInputError(
             f"feature cache {where} is stale, refusing it: {'; '.join(changed)}. Delete it or "
             "point config.data.feature_cache.dir elsewhere (a missing cache is built)"
         )

@@ -232,7 +232,9 @@ def worker_count(config: ml_collections.ConfigDict) -> int:
     if count == -1:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if count < 0:
-        raise ValueError(f"config.data.worker_count={count}; expected -1 (one per core) or >= 0")
+        raise errors.BadInputError(
+            f"config.data.worker_count={count}; expected -1 (one per core) or >= 0"
+        )
     return count
 
 

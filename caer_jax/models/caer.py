@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from caer_jax import label_sets
+from caer_jax import errors, label_sets
 from caer_jax.models import clip as clip_lib
 from caer_jax.models import tokenizer as tokenizer_lib
 
@@ -198,8 +198,6 @@ class CLIPCAER(nn.Module):
         return len(self.prompt_token_ids)
 
     def setup(self):
-        if self.streams not in STREAMS:
-            raise ValueError(f"config.model.streams={self.streams!r}; expected one of {STREAMS}")
         ids = np.asarray(self.prompt_token_ids)
         self._ids = ids
         self._eot = ids.argmax(-1)
@@ -345,13 +343,17 @@ def build_model(
     off a checkpoint); then `tokenizer` may be None.
     """
     geometry = clip_lib.CLIPGeometry.from_config(model_cfg.clip)
+    if model_cfg.streams not in STREAMS:
+        raise errors.BadInputError(
+            f"config.model.streams={model_cfg.streams!r}; expected one of {STREAMS}"
+        )
     if model_cfg.pixel_normalization not in PIXEL_NORMALIZATIONS:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.model.pixel_normalization={model_cfg.pixel_normalization!r}; expected one "
             f"of {PIXEL_NORMALIZATIONS}"
         )
     if model_cfg.prompt.class_token_position not in POSITIONS:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.model.prompt.class_token_position={model_cfg.prompt.class_token_position!r}; "
             f"expected one of {POSITIONS}"
         )

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from caer_jax import errors
+
 LN_EPS = 1e-5
 
 
@@ -39,7 +41,7 @@ class CLIPGeometry:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise errors.BadInputError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         for w, h, name in (
@@ -47,7 +49,9 @@ class CLIPGeometry:
             (self.text_width, self.text_heads, "text"),
         ):
             if w % h:
-                raise ValueError(f"{name}_width {w} is not a multiple of {name}_heads {h}")
+                raise errors.BadInputError(
+                    f"{name}_width {w} is not a multiple of {name}_heads {h}"
+                )
 
     @property
     def grid(self) -> int:
@@ -319,7 +323,7 @@ def dtype_from_name(name: str) -> Any:
     try:
         return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
     except KeyError:
-        raise ValueError(
+        raise errors.BadInputError(
             f"config.model.dtype={name!r}; expected one of float32, bfloat16, float16"
         ) from None
 

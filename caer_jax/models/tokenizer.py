@@ -187,7 +187,7 @@ def tokenize(tokenizer: Any, texts: list[str] | tuple[str, ...], context_length:
         if ids[0] != tokenizer.bos_token_id or ids[-1] != tokenizer.eos_token_id:
             ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
         if len(ids) > context_length:
-            raise ValueError(
+            raise errors.BadInputError(
                 f"text {text!r} is {len(ids)} tokens long, more than the context length "
                 f"{context_length} (config.model.clip.context_length)"
             )
