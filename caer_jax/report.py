@@ -18,10 +18,12 @@ from pathlib import Path
 
 from flax import traverse_util
 
-from caer_jax import label_sets
+from caer_jax import errors, label_sets
+
+USAGE = "usage: python -m caer_jax.report RUN_DIR [RUN_DIR ...]"
 
 
-class ReportError(ValueError):
+class ReportError(errors.BadInputError):
     """A run folder cannot be reported; the message names it."""
 
 
@@ -201,14 +203,18 @@ def _notes(runs: Sequence[Run], groups: list[list[Run]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    workdirs = sys.argv[1:] if argv is None else argv
-    if not workdirs:
-        sys.exit("usage: python -m caer_jax.report RUN_DIR [RUN_DIR ...]")
-    try:
-        print(table(workdirs))
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help", "-help"} & set(args):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return
+    with errors.reported():
+        # RUN_DIRs only: a flag of the other commands here would otherwise read as a missing run.
+        flags = [a for a in args if a.startswith("-") and not Path(a).exists()]
+        if flags or not args:
+            raise errors.BadInputError(
+                (f"unknown flag {flags[0]}; " if flags else "") + f"{USAGE} (--help says more)"
+            )
+        print(table(args))
 
 
 if __name__ == "__main__":

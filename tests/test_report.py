@@ -103,3 +103,20 @@ def test_errors_name_the_folder(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {tmp_path / 'old' / 'metrics.json'}: no bootstrap")
+    for args, code, out, err in (
+        (["--help"], 0, "usage: python -m caer_jax.report RUN_DIR", ""),
+        ([], 2, "", "error: usage: python -m caer_jax.report RUN_DIR"),
+        (["--step=best", str(tmp_path / "a")], 2, "", "error: unknown flag --step=best; usage"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "caer_jax.report", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert (result.returncode, result.stdout[: len(out)], result.stderr[: len(err)]) == (
+            code,
+            out,
+            err,
+        )
