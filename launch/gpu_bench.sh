@@ -11,7 +11,10 @@
 # default .benchdata/tfds is what `launch/gpu_bench.sh --prepare` builds on a machine that has the
 # build extra: 10 synthetic clips of 100-104 frames of 640x480, small enough to carry, repeated
 # in the run (--e2e_repeat) to feed many steps. Python packages missing on the GPU host travel as
-# wheels in .whl/ (installed into /tmp/site).
+# wheels in .whl/ (installed into /tmp/site). PARTS=steps or PARTS=e2e runs one part only (a
+# second try within one device call), e.g. the end to end part with XLA's autotuning results
+# kept out of the compilation cache:
+#   PARTS=e2e JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=none launch/gpu_bench.sh OUT_DIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,13 +36,18 @@ python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 
 quiet() { grep -v -E '^(W|I)[0-9]{4} |^WARNING|Warning' || true; }
 
-timeout "${STEP_TIMEOUT:-270}" python3 -m caer_jax.bench --skip_data --build_clips=0 \
-  --paper_dtypes=bfloat16,float32 --paper_batches=8,32 --matmul_size=8192 --repeats=10 \
-  --profile_dir=/tmp/caer_profile --out="$out/steps.json" 2>&1 | quiet
-echo "step table: exit ${PIPESTATUS[0]}"
-
-timeout "${E2E_TIMEOUT:-300}" python3 -m caer_jax.bench --skip_data --skip_paper --build_clips=0 \
-  --end_to_end --data_dir="$data" --e2e_repeat="${E2E_REPEAT:-16}" --e2e_batch=8 --e2e_epochs=2 \
-  --paper_dtypes=bfloat16 --e2e_workers=0,4,8,16 --e2e_pipeline_batches=10 --matmul_size=8192 \
-  --repeats=10 --out="$out/end_to_end.json" 2>&1 | quiet
-echo "end to end: exit ${PIPESTATUS[0]}"
+parts=${PARTS:-steps,e2e}
+if [[ ,$parts, == *,steps,* ]]; then
+  timeout "${STEP_TIMEOUT:-270}" python3 -m caer_jax.bench --skip_data --build_clips=0 \
+    --paper_dtypes=bfloat16,float32 --paper_batches=8,32 --matmul_size=8192 --repeats=10 \
+    --profile_dir=/tmp/caer_profile --out="$out/steps.json" 2>&1 | quiet
+  echo "step table: exit ${PIPESTATUS[0]}"
+fi
+if [[ ,$parts, == *,e2e,* ]]; then
+  timeout "${E2E_TIMEOUT:-300}" python3 -m caer_jax.bench --skip_data --skip_paper \
+    --build_clips=0 --end_to_end --data_dir="$data" --e2e_repeat="${E2E_REPEAT:-16}" \
+    --e2e_batch=8 --e2e_epochs=2 --paper_dtypes=bfloat16 --e2e_workers=0,4,8,16 \
+    --e2e_pipeline_batches=10 --matmul_size=8192 --repeats=10 --out="$out/end_to_end.json" 2>&1 \
+    | quiet
+  echo "end to end: exit ${PIPESTATUS[0]}"
+fi
