@@ -48,8 +48,8 @@ class LabelSet:
         """The class texts of `text_type`, in label order."""
         if text_type not in self.texts:
             raise LabelSetError(
-                f"label set {self.name!r} has no texts of text_type {text_type!r}; it has "
-                f"{sorted(self.texts)}"
+                f"config.model.prompt.text_type={text_type!r}: label set {self.name!r} has no "
+                f"texts of that type; it has {sorted(self.texts)}"
             )
         return self.texts[text_type]
 

@@ -195,7 +195,11 @@ def test_flag_mistakes_at_every_entry_point(tmp_path, module, args, fragments):
         ("caer_jax.eval", "--config.data.num_segments=0", ["config.data.num_segments=0 (expected"]),
         ("caer_jax.train", "--config.model.streams=faces", ["config.model.streams='faces'"]),
         ("caer_jax.train", "--config.model.dtype=float64", ["config.model.dtype='float64'"]),
-        ("caer_jax.train", "--config.model.prompt.text_type=nope", ["text_type 'nope'"]),
+        (
+            "caer_jax.train",
+            "--config.model.prompt.text_type=nope",
+            ["config.model.prompt.text_type='nope'"],
+        ),
         ("caer_jax.train", "--config.model.label_set=nope.json", ["label set file nope.json"]),
     ],
 )

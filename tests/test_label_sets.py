@@ -42,7 +42,10 @@ def test_builtin_five_class_set_is_the_authors():
     raer5 = label_sets.load("raer5")
     assert raer5.class_names == prompts.CLASS_NAMES and raer5.num_classes == 5
     assert raer5.class_texts("class_names")[4] == "Distraction."
-    with pytest.raises(label_sets.LabelSetError, match="has no texts of text_type 'nope'"):
+    with pytest.raises(
+        label_sets.LabelSetError,
+        match="text_type='nope': label set 'raer5' has no texts of that type",
+    ):
         raer5.class_texts("nope")
 
 
