@@ -12,13 +12,16 @@ read by the others. Rerunning resumes: a finished run only re-evaluates its best
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from absl import app, flags
 
 from caer_jax import cli, train
+from caer_jax.models import caer
 
 # --config and --workdir are caer_jax.train's own flags (--workdir: the folder of the runs).
 _CONFIG, _WORKDIR = train._CONFIG, train._WORKDIR
@@ -32,17 +35,24 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values.")
 def run_grid(config, workdir: Path, streams, text_types, seeds) -> list[dict]:
     """Trains every cell of the grid; returns one row per (streams, text type) with per-seed
     and summary figures."""
+
+    def cell(stream: str, text_type: str, seed: str) -> ml_collections.ConfigDict:
+        c = config.copy_and_resolve_references()
+        c.model.streams = stream
+        c.model.prompt.text_type = text_type
+        c.seed = int(seed)
+        return c
+
+    # Every cell's model config first: a mistyped stream or text type fails before any training.
+    for stream, text_type in itertools.product(streams, text_types):
+        caer.check_model_config(cell(stream, text_type, seeds[0]).model)
     rows = []
     for stream in streams:
         for text_type in text_types:
             results = []
             for seed in seeds:
-                cell = config.copy_and_resolve_references()
-                cell.model.streams = stream
-                cell.model.prompt.text_type = text_type
-                cell.seed = int(seed)
                 summary = train.train_and_evaluate(
-                    cell, workdir / f"{stream}-{text_type}-seed{seed}"
+                    cell(stream, text_type, seed), workdir / f"{stream}-{text_type}-seed{seed}"
                 )
                 if summary is None:
                     raise RuntimeError("preempted; run the same command again to resume")

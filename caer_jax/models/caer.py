@@ -330,18 +330,11 @@ def prompt_texts(model_cfg: Any) -> list[str]:
     return [prefix + " " + t for t in texts]
 
 
-def build_model(
-    model_cfg: Any,
-    *,
-    tokenizer: Any = None,
-    prompt_token_ids: np.ndarray | None = None,
-    num_frames: int | None = None,
-) -> tuple[CLIPCAER, Any]:
-    """The CLIPCAER module of config.model and its tokenizer.
-
-    `prompt_token_ids` [n_cls, context_length] overrides tokenisation (the converter reads them
-    off a checkpoint); then `tokenizer` may be None.
-    """
+def check_model_config(model_cfg: Any) -> clip_lib.CLIPGeometry:
+    """Refuses config.model values this model has no meaning for (a stream, normalisation or
+    class token position it does not know, a label set or text type that is not there, a CLIP
+    geometry that does not fit together), naming the field; returns the CLIP geometry. Reads no
+    weights and no tokenizer, so a grid of configs can be checked before any of them runs."""
     geometry = clip_lib.CLIPGeometry.from_config(model_cfg.clip)
     if model_cfg.streams not in STREAMS:
         raise errors.BadInputError(
@@ -357,6 +350,24 @@ def build_model(
             f"config.model.prompt.class_token_position={model_cfg.prompt.class_token_position!r}; "
             f"expected one of {POSITIONS}"
         )
+    clip_lib.dtype_from_name(model_cfg.dtype)
+    prompt_texts(model_cfg)
+    return geometry
+
+
+def build_model(
+    model_cfg: Any,
+    *,
+    tokenizer: Any = None,
+    prompt_token_ids: np.ndarray | None = None,
+    num_frames: int | None = None,
+) -> tuple[CLIPCAER, Any]:
+    """The CLIPCAER module of config.model and its tokenizer.
+
+    `prompt_token_ids` [n_cls, context_length] overrides tokenisation (the converter reads them
+    off a checkpoint); then `tokenizer` may be None.
+    """
+    geometry = check_model_config(model_cfg)
     if prompt_token_ids is None:
         if tokenizer is None:
             tokenizer = tokenizer_lib.load_tokenizer(model_cfg.clip)
