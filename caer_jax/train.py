@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,6 @@ import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
 
 from caer_jax import (
     checkpoint,
@@ -39,6 +39,27 @@ from caer_jax import state as state_lib
 from caer_jax.data import feature_cache, pipeline, prefetch, prepare
 from caer_jax.models import caer
 
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported with torch kept out.
+
+    tensorboardX imports torch when it is installed (the tests and the converter need it) only to
+    name torch.Tensor in type hints; this loop logs floats. That import took 1.2 s of every start
+    with torch's CPU wheel (over a third of importing this module), more with a CUDA build.
+    tensorboardX takes the ImportError of a None entry in sys.modules as torch being absent.
+    """
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _summary_writer_class()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 

@@ -121,3 +121,17 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, 
     # Every program the first run compiled and the second needed came from the cache.
     assert second["persistent_cache_misses"] == 0
     assert second["persistent_cache_hits"] == first["persistent_cache_misses"]
+
+
+def test_starting_training_does_not_import_torch():
+    # tensorboardX imports torch whenever it is installed (as here, for the tests): 1.2 s of
+    # every start for type hints. The training module keeps it out; torch still imports after.
+    code = (
+        "import sys, caer_jax.train; assert 'torch' not in sys.modules, 'torch imported'; "
+        "import torch; print(torch.__name__)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "torch"
