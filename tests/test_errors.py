@@ -200,7 +200,11 @@ def test_flag_mistakes_at_every_entry_point(tmp_path, module, args, fragments):
             "--config.model.prompt.text_type=nope",
             ["config.model.prompt.text_type='nope'"],
         ),
-        ("caer_jax.train", "--config.model.label_set=nope.json", ["label set file nope.json"]),
+        (
+            "caer_jax.train",
+            "--config.model.label_set=nope.json",
+            ["config.model.label_set='nope.json': label set file nope.json not found"],
+        ),
     ],
 )
 def test_config_values_a_run_cannot_use_are_named_before_any_work(

@@ -351,6 +351,12 @@ def check_model_config(model_cfg: Any) -> clip_lib.CLIPGeometry:
             f"expected one of {POSITIONS}"
         )
     clip_lib.dtype_from_name(model_cfg.dtype)
+    try:
+        label_sets.load(model_cfg.label_set)
+    except label_sets.LabelSetError as e:
+        raise label_sets.LabelSetError(
+            f"config.model.label_set={model_cfg.label_set!r}: {e}"
+        ) from e
     prompt_texts(model_cfg)
     return geometry
 
