@@ -1,8 +1,9 @@
 """Several hosts on one machine: `launch/local.sh 2 --devices-per-process 2` trains, checkpoints
-and evaluates like one process with 4 devices; its mid-epoch checkpoint resumes in one process to
-the same result; evaluation of that checkpoint over 2 processes and over 1, 2 and 8 devices of one
-process counts every test clip once with the same metrics; the feature cache built by 2 processes
-(each its own chunks, joined by barriers) holds what one process builds, and trains the same.
+and evaluates like one process with 4 devices; its mid-epoch checkpoint resumes in one process,
+and in two, to the same result; evaluation of that checkpoint over 2 processes and over 1, 2 and 8
+devices of one process counts every test clip once with the same metrics; the feature cache built
+by 2 processes (each its own chunks, joined by barriers) holds what one process builds, and trains
+the same.
 
 The synthetic dataset has 42 clips: 33 train (4 steps of 8, one clip dropped) and 9 test, so the
 eval batch of 8 leaves a last batch of 1 clip and 7 padding rows.
@@ -159,6 +160,20 @@ def test_mid_epoch_checkpoint_of_two_processes_resumes_in_one(
     on_devices(monkeypatch, 4)
     results = train.train_and_evaluate(config, resumed)
     assert_same_results(results, resumed, workdir, "resumed in 1 process vs 2 throughout")
+
+
+def test_mid_epoch_checkpoint_of_two_processes_resumes_in_two(two_process_run, tmp_path):
+    # Each process restores its own iterator position (the state it saved) and its shards.
+    _, root, workdir, _ = two_process_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints/4")
+    local_sh(root, "caer_jax.train", resumed)
+    logs = (root / "local-0.log").read_text()
+    assert f"resumed from step 2 in {resumed / 'checkpoints'}" in logs
+    assert saved_steps(resumed) == [2, 4]
+    results = json.loads((resumed / "metrics.json").read_text())
+    assert_same_results(results, resumed, workdir, "resumed in 2 processes vs 2 throughout")
 
 
 def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatch):
