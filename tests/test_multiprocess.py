@@ -11,10 +11,13 @@ eval batch of 8 leaves a last batch of 1 clip and 7 padding rows.
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -174,6 +177,51 @@ def test_mid_epoch_checkpoint_of_two_processes_resumes_in_two(two_process_run, t
     assert saved_steps(resumed) == [2, 4]
     results = json.loads((resumed / "metrics.json").read_text())
     assert_same_results(results, resumed, workdir, "resumed in 2 processes vs 2 throughout")
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_process_run, tmp_path):
+    # As a cluster's scheduler may signal one task first: jax.distributed's preemption service
+    # makes every process save the same step and exit cleanly.
+    _, root, _, _ = two_process_run
+    workdir = tmp_path / "preempted"
+    command = [
+        *(str(REPO / "launch/local.sh"), "--devices-per-process", "2", "--port", str(free_port())),
+        *("2", "caer_jax.train", f"--config={REPO / 'configs/synthetic_tiny.py'}"),
+        *(f"--workdir={workdir}", *tiny_runs.flags(tiny_overrides(root))),
+        "--config.train.num_epochs=10",  # 40 steps
+    ]
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path))
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE)
+    logs = [tmp_path / f"local-{i}.log" for i in range(2)]
+    deadline = time.time() + 300
+    while "step 8/40" not in (logs[1].read_text() if logs[1].exists() else ""):
+        assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
+        time.sleep(0.2)
+    second = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and f"--workdir={workdir}".encode() in _read(p / "cmdline")
+        and b"JAX_PROCESS_ID=1\0" in _read(p / "environ")
+    ]
+    assert len(second) == 1
+    os.kill(second[0], signal.SIGTERM)
+    launcher.communicate(timeout=300)
+    assert launcher.returncode == 0
+    saved = [re.search(r"preempted: saved step (\d+)", log.read_text()) for log in logs]
+    assert all(saved) and saved[0].group(1) == saved[1].group(1), [s and s[0] for s in saved]
+    step = int(saved[0].group(1))
+    assert 8 < step < 40 and saved_steps(workdir)[-1] == step
+    local_sh(root, "caer_jax.train", workdir, "--config.train.num_epochs=10")
+    assert f"resumed from step {step}" in (root / "local-0.log").read_text()
+    assert json.loads((workdir / "metrics.json").read_text())["num_clips"] == NUM_TEST
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # a process that ended meanwhile, or one of another user
+        return b""
 
 
 def test_eval_counts_every_clip_once_on_any_topology(two_process_run, monkeypatch):
