@@ -326,7 +326,13 @@ def prompt_texts(model_cfg: Any) -> list[str]:
     """The prompt of each class of the label set: n_ctx context placeholders, then the class
     text of the text type."""
     prefix = " ".join([tokenizer_lib.CONTEXT_PLACEHOLDER] * model_cfg.prompt.n_ctx)
-    texts = label_sets.load(model_cfg.label_set).class_texts(model_cfg.prompt.text_type)
+    try:
+        label_set = label_sets.load(model_cfg.label_set)
+    except label_sets.LabelSetError as e:
+        raise label_sets.LabelSetError(
+            f"config.model.label_set={model_cfg.label_set!r}: {e}"
+        ) from e
+    texts = label_set.class_texts(model_cfg.prompt.text_type)
     return [prefix + " " + t for t in texts]
 
 
@@ -351,13 +357,7 @@ def check_model_config(model_cfg: Any) -> clip_lib.CLIPGeometry:
             f"expected one of {POSITIONS}"
         )
     clip_lib.dtype_from_name(model_cfg.dtype)
-    try:
-        label_sets.load(model_cfg.label_set)
-    except label_sets.LabelSetError as e:
-        raise label_sets.LabelSetError(
-            f"config.model.label_set={model_cfg.label_set!r}: {e}"
-        ) from e
-    prompt_texts(model_cfg)
+    prompt_texts(model_cfg)  # the label set loads, and holds the text type
     return geometry
 
 
