@@ -4,7 +4,8 @@
   parameters of a plain loop that moves each batch when it needs it and reads every step back.
 - The prefetcher's checkpointed position is that of the batches used, not of those buffered.
 - A second start with the same persistent compilation cache loads its programs from it, also
-  with another seed (the dropout key is an argument of the train step, not a constant in it).
+  with another seed (the dropout key is an argument of the train step, not a constant in it);
+  the figures in speed.json cover the whole run, the final evaluation included.
 """
 
 import json
@@ -116,11 +117,17 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, 
         assert run.returncode == 0, run.stderr[-3000:]
     first = json.loads((tmp_path / "first" / "speed.json").read_text())["compilation"]
     second = json.loads((tmp_path / "second" / "speed.json").read_text())["compilation"]
-    assert first["persistent_cache_hits"] == 0 and first["persistent_cache_misses"] > 0
-    assert any(cache.iterdir())
-    # Every program the first run compiled and the second needed came from the cache.
+    print(f"first run {first}\nsecond run {second}")
+    # The final evaluation runs the program of the epochs' evaluations again, jitted anew: it is
+    # loaded from the cache. speed.json is written after it, so that counts too.
+    assert first["persistent_cache_hits"] >= 1 and first["persistent_cache_misses"] > 0
+    # Every program the first run compiled went into the cache.
+    assert len(list(cache.glob("*-cache"))) == first["persistent_cache_misses"]
+    # The second run needed the same programs and loaded every one from the cache.
     assert second["persistent_cache_misses"] == 0
-    assert second["persistent_cache_hits"] == first["persistent_cache_misses"]
+    assert second["persistent_cache_hits"] == (
+        first["persistent_cache_hits"] + first["persistent_cache_misses"]
+    )
 
 
 def test_starting_training_does_not_import_torch():
