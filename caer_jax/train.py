@@ -449,12 +449,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         train_iter.close()
         if writer:
             writer.close()
+    results = None
+    if not preempted:
+        results = evaluation.evaluate_checkpoint(
+            config, workdir, step="best", split=config.data.eval_split
+        )
+    # After the final evaluation: the compilation figures count its programs too.
     _write_speed(timer, workdir)
-    if preempted:
-        return None
-    return evaluation.evaluate_checkpoint(
-        config, workdir, step="best", split=config.data.eval_split
-    )
+    return results
 
 
 def run(argv=()) -> None:

@@ -1,6 +1,17 @@
-"""Test session setup: 8 fake CPU devices (set before jax is imported anywhere) and fp32 matmuls."""
+"""Test session setup: caches in a directory of the session, 8 fake CPU devices (set before jax
+is imported anywhere) and fp32 matmuls."""
 
 import os
+import shutil
+import tempfile
+
+# Nothing under the user's ~/.cache: the persistent compilation cache that every training, eval
+# or bench process started by a test uses (caer_jax.compilation.DEFAULT_CACHE_DIR follows
+# XDG_CACHE_HOME), matplotlib's font list and the like go to a directory of this session, which
+# subprocesses inherit through the environment and which is removed at the end.
+CACHE_HOME = tempfile.mkdtemp(prefix="caer_jax-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = CACHE_HOME
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -9,3 +20,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(CACHE_HOME, ignore_errors=True)

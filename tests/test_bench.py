@@ -1,6 +1,7 @@
 """python -m caer_jax.bench: the figures it writes are consistent with each other."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,7 +20,12 @@ def test_bench_writes_consistent_model_figures(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        # the session's cache directory (tests/conftest.py), not the user's
+        env={
+            "JAX_PLATFORMS": "cpu",
+            "PATH": "/usr/bin:/bin",
+            "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"],
+        },
     )
     assert run.returncode == 0, run.stderr[-2000:]
     figures = json.loads(out.read_text())

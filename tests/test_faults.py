@@ -1,8 +1,12 @@
 """Faults: a killed run resumes to the same parameters, SIGTERM saves at the signal's step, a
 damaged newest checkpoint falls back to the previous one (and still ends at the same parameters),
 a non-finite loss stops the run with the step and clips named or, with skip_nonfinite, is skipped
-and counted, and an incompatible config is refused."""
+and counted, and an incompatible config is refused.
 
+The kills are placed, not raced: tests/killed_training.py kills the training process itself at
+a chosen step and moment."""
+
+import ast
 import functools
 import os
 import re
@@ -28,6 +32,9 @@ TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 # A learning rate of 1e30 makes the first step's update ~1e30, so that the next forward pass
 # overflows: the non-finite steps of these tests.
 HUGE_LR = ("--config.optim.lr.temporal=1e30", "--config.optim.lr.image_encoder=1e30")
+# The same from the second epoch on (learning rates 1e-3 x gamma after epoch 1): step 5's update
+# makes step 6 the first non-finite one.
+HUGE_LR_FROM_EPOCH_2 = ("--config.optim.gamma=1e33",)
 
 
 def fault_overrides(root: Path) -> dict:
@@ -40,13 +47,20 @@ def fault_config(root: Path):
     return tiny_runs.config(fault_overrides(root))
 
 
-def start_training(root: Path, workdir: Path, *extra: str) -> subprocess.Popen:
+def start_training(
+    root: Path, workdir: Path, *extra: str, kill_at: tuple[int, str] | None = None
+) -> subprocess.Popen:
+    """caer_jax.train on the fault config; `kill_at` (step, moment): killed there by
+    tests/killed_training.py."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    if kill_at is None:
+        program = ["-m", "caer_jax.train"]
+    else:
+        program = [str(REPO / "tests/killed_training.py"), str(kill_at[0]), kill_at[1]]
     return subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "caer_jax.train",
+            *program,
             f"--config={REPO / 'configs/synthetic_tiny.py'}",
             f"--workdir={workdir}",
             *tiny_runs.flags(fault_overrides(root)),
@@ -111,19 +125,31 @@ def reference(tmp_path_factory):
     return config, root, params
 
 
-@pytest.mark.parametrize("kill_after", [3, 4], ids=["mid-epoch", "epoch-end"])
-def test_sigkill_then_resume_gives_the_same_parameters(reference, kill_after):
+def kill(root: Path, workdir: Path, step: int, moment: str) -> list[str]:
+    """Trains until killed at `step` and `moment` (tests/killed_training.py); returns what the
+    checkpoint directory then holds."""
+    proc = start_training(root, workdir, kill_at=(step, moment))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, out[-4000:]
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize(
+    "step,moment,resume_from",
+    [(3, "writing", 2), (4, "saved", 4)],
+    ids=["mid-epoch-while-writing", "epoch-end-after-saving"],
+)
+def test_sigkill_then_resume_gives_the_same_parameters(reference, step, moment, resume_from):
     config, root, expected = reference
-    workdir = root / f"killed-{kill_after}"
-    proc = start_training(root, workdir)
-    wait_for_step(proc, workdir, kill_after)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    # The run goes on while the test polls: the newest checkpoint may be past kill_after.
-    what = f"killed after step {kill_after}, checkpoints then: {saved_steps(workdir)}"
-    assert max(saved_steps(workdir)) < TOTAL_STEPS, what
+    workdir = root / f"killed-{step}-{moment}"
+    held = kill(root, workdir, step, moment)
+    what = f"killed at step {step} ({moment}); checkpoints then: {held}"
+    assert max(saved_steps(workdir)) == resume_from, what
+    # Killed while writing: step 3's checkpoint was begun (orbax's temporary directory) and
+    # never finalized.
+    assert any(name.startswith(f"{step}.") for name in held) == (moment == "writing"), what
     out = finish(start_training(root, workdir))
-    assert re.search(r"resumed from step \d+", out), what
+    assert f"resumed from step {resume_from} " in out, what
     params, _ = final_params(config, workdir, TOTAL_STEPS)
     assert_same_params(params, expected, what)
 
@@ -150,11 +176,9 @@ def test_sigterm_saves_at_the_signal_step_exits_cleanly_and_resumes(reference):
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):
     config, root, expected = reference
     workdir = root / "damaged"
-    proc = start_training(root, workdir)
-    wait_for_step(proc, workdir, 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill(root, workdir, 3, "saved")
     newest = max(saved_steps(workdir))
+    assert newest == 3
     for path in (workdir / "checkpoints" / str(newest) / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
@@ -166,23 +190,35 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference):
     assert_same_params(params, expected, f"resumed from step {newest - 1}")
 
 
-def test_nonfinite_loss_names_the_step_and_keeps_the_last_checkpoint(reference):
+def test_nonfinite_step_read_late_names_its_step_and_batch_and_keeps_the_last_checkpoint(
+    reference,
+):
+    """Metrics are read at log steps and epoch ends only: here steps 4 and 8. Step 6 is the
+    first non-finite one; its flag is read at step 8, and the error names step 6 and the clips
+    of step 6's batch. No checkpoint follows step 4's."""
     config, root, _ = reference
     workdir = root / "nan"
-    proc = start_training(root, workdir, *HUGE_LR)
+    lazy = ("--config.train.checkpoint_every_steps=0", "--config.train.log_every_steps=4")
+    proc = start_training(root, workdir, *lazy, *HUGE_LR_FROM_EPOCH_2)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     match = re.search(
         r"non-finite loss \S+ or gradient norm \S+ at step (\d+); clips of this "
-        r"process's batch: \[('clips/\d+',? ?)+\]",
+        r"process's batch: (\[[^]]*\])",
         out,
     )
     assert match, out[-3000:]
-    bad_step = int(match.group(1))
-    assert max(saved_steps(workdir), default=0) == bad_step - 1
-    if bad_step > 1:
-        params, _ = final_params(config, workdir, bad_step - 1)
-        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+    assert int(match.group(1)) == 6, out[-3000:]
+    assert re.findall(r"step (\d+)/8 epoch", out) == ["4"]  # the only step logged
+    batches = pipeline.train_iterator(
+        config, seed=config.seed, process_index=0, process_count=1, start_step=5
+    )
+    ids = pipeline.video_ids(config, config.data.train_split)
+    assert ast.literal_eval(match.group(2)) == [ids[i] for i in next(batches)["index"]]
+    batches.close()
+    assert saved_steps(workdir) == [4]
+    params, _ = final_params(config, workdir, 4)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
 def test_skip_nonfinite_skips_and_counts_the_steps_and_training_goes_on(reference):

@@ -1,7 +1,8 @@
 """The frozen-encoder feature cache: same batches, logits and gradients as the pixel path;
 sharded and resumed builds; stale caches and uncacheable configs refused.
 
-Uses the flat-colour TFDS fixture of test_pipeline (frame t has red value 8 t) at 16 px.
+Uses the TFDS fixture of test_pipeline (frame t has red value 8 t, and a blue ramp across its
+width that a flip reverses) at 16 px.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def test_cache_holds_the_encoder_features_of_every_stored_frame(built):
         np.testing.assert_allclose(records[index]["context"], want[1], rtol=1e-5, atol=1e-5)
         flipped = model.apply({"params": params}, pixels[:, :, :, ::-1], method="encode_frames")
         np.testing.assert_allclose(records[index]["face_flipped"], flipped[0], rtol=1e-5, atol=1e-5)
+        # The fixture's frames are not mirror images of themselves: flips are seen.
+        assert np.abs(records[index]["face_flipped"] - records[index]["face"]).max() > 1e-2
         assert clip["label"] == records[index]["label"]
 
 

@@ -1,7 +1,8 @@
 """Augmentation and the grain input pipeline, on a tiny TFDS dataset built here.
 
-The fixture dataset has the features of the RAER builder; frame t of a clip is a flat colour
-whose red channel is 8 * t, so the frames a batch holds can be read back off its pixels.
+The fixture dataset has the features of the RAER builder; frame t of a clip has red value 8 * t
+everywhere, so the frames a batch holds can be read back off its pixels, and a blue ramp across
+its width, so that a horizontal flip changes it.
 Needs the 8 fake CPU devices that tests/conftest.py sets up (for global_batch).
 """
 
@@ -31,13 +32,12 @@ def _frames(num_frames: int, record: int, stream_value: int) -> np.ndarray:
     frames = np.empty((num_frames, SIZE, SIZE, 3), np.uint8)
     frames[..., 0] = (8 * np.arange(num_frames))[:, None, None]
     frames[..., 1] = 10 * record
-    frames[..., 2] = stream_value
+    frames[..., 2] = stream_value + 3 * np.arange(SIZE)  # left to right: a flip reverses it
     return frames
 
 
 class RaerPipelineFixture(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """The RAER builder's record layout (tfds_raer/raer/frame_records.py) on a few flat-colour
-    clips."""
+    """The RAER builder's record layout (tfds_raer/raer/frame_records.py) on a few small clips."""
 
     VERSION = tfds.core.Version("1.0.0")
 

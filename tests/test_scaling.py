@@ -7,9 +7,12 @@ sharding.batch_sharding), as train_and_evaluate does, on fixed random batches: t
 is what is tested, not the input pipeline.
 """
 
+import collections
 import functools
 import importlib
 import math
+import re
+import typing
 
 import jax
 import ml_collections
@@ -33,6 +36,9 @@ MIN_MOVE = 100 * FP32_TOL
 # over the 4 steps. bf16 keeps 8 significant bits (relative rounding 2^-9); on losses of 1.7-2.2
 # the gap measured 0.0145 (x86 CPU, XLA's bf16 dots); the bound leaves room for other kernels.
 BF16_LOSS_TOL = 0.05
+# ...and at least this: fp32 on another mesh differs by <= FP32_TOL, so a gap this large shows
+# that the run computed in bf16 at all (a model ignoring config.model.dtype gives 0).
+BF16_MIN_GAP = 1e-3
 
 
 def scaling_config(dtype: str = "float32") -> ml_collections.ConfigDict:
@@ -83,9 +89,15 @@ def fixed_batches(config, num_steps: int, batch: int) -> list[dict]:
     ]
 
 
-def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1):
-    """Trains from the seed's initial parameters on `mesh_shape` (data, fsdp) devices; returns
-    per-step losses, the final parameters (host numpy) and the state's shardings."""
+class Run(typing.NamedTuple):
+    losses: np.ndarray  # per step
+    params: dict  # final, host numpy
+    shardings: object  # the state's
+    program: str  # the train step's StableHLO, as jitted for the run's mesh
+
+
+def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1) -> Run:
+    """Trains from the seed's initial parameters on `mesh_shape` (data, fsdp) devices."""
     data, fsdp = mesh_shape
     mesh_config = ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
     mesh = sharding.make_mesh(mesh_config, jax.devices()[: data * fsdp])
@@ -110,7 +122,16 @@ def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1):
         state, metrics = step_fn(state, batch, dropout_rng)
         assert bool(metrics["finite"])
         losses.append(float(metrics["loss"]))
-    return np.asarray(losses), jax.device_get(state.params), shardings
+    program = step_fn.lower(state, batch, dropout_rng).as_text()
+    return Run(np.asarray(losses), jax.device_get(state.params), shardings, program)
+
+
+def dot_operand_dtypes(program: str) -> collections.Counter:
+    """How many matrix products of a StableHLO program take operands of each dtype pair."""
+    operands = re.findall(
+        r"stablehlo\.dot_general .*: \(tensor<([^>]*)>, tensor<([^>]*)>\)", program
+    )
+    return collections.Counter((a.split("x")[-1], b.split("x")[-1]) for a, b in operands)
 
 
 def max_abs_diff(a, b) -> float:
@@ -140,7 +161,8 @@ def fp32_runs():
 
 def test_fsdp_meshes_really_shard_the_parameters(fp32_runs):
     _, _, runs = fp32_runs
-    for shape, (_, _, shardings) in runs.items():
+    for shape, run in runs.items():
+        shardings = run.shardings
         specs = [s.spec for s in jax.tree.leaves(shardings.params)]
         sharded = sum(spec != P() for spec in specs)
         if shape[1] == 1:
@@ -153,11 +175,11 @@ def test_fsdp_meshes_really_shard_the_parameters(fp32_runs):
 
 def test_losses_and_parameters_do_not_depend_on_the_mesh(fp32_runs):
     _, _, runs = fp32_runs
-    ref_losses, ref_params, _ = runs[(1, 1)]
+    ref_losses, ref_params, *_ = runs[(1, 1)]
     assert np.all(np.isfinite(ref_losses)) and len(ref_losses) == NUM_STEPS
     assert_moved(ref_params)
     for shape in MESHES[1:]:
-        losses, params, _ = runs[shape]
+        losses, params, *_ = runs[shape]
         np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=FP32_TOL, err_msg=str(shape))
         delta = max_abs_diff(params, ref_params)
         print(
@@ -169,13 +191,19 @@ def test_losses_and_parameters_do_not_depend_on_the_mesh(fp32_runs):
 
 def test_bfloat16_loss_stays_close_to_float32(fp32_runs):
     config, batches, runs = fp32_runs
-    ref_losses, _, _ = runs[(1, 1)]
-    losses, params, _ = run_steps(scaling_config("bfloat16"), (2, 4), batches)
-    gap = np.max(np.abs(losses - ref_losses))
-    print(f"bf16 vs fp32: losses {losses} vs {ref_losses}, max gap {gap:.4f}")
-    assert gap <= BF16_LOSS_TOL, (losses, ref_losses)
+    ref_losses = runs[(1, 1)].losses
+    run = run_steps(scaling_config("bfloat16"), (2, 4), batches)
+    gap = np.max(np.abs(run.losses - ref_losses))
+    print(f"bf16 vs fp32: losses {run.losses} vs {ref_losses}, max gap {gap:.4f}")
+    assert BF16_MIN_GAP <= gap <= BF16_LOSS_TOL, (run.losses, ref_losses)
+    # The towers' and temporal transformers' matrix products take bf16 operands (a few, like
+    # the cosine logits, stay in fp32); the fp32 program has none.
+    bf16, fp32 = dot_operand_dtypes(run.program), dot_operand_dtypes(runs[(1, 1)].program)
+    print(f"dot_general operand dtypes: bf16 run {dict(bf16)}, fp32 run {dict(fp32)}")
+    assert set(fp32) == {("f32", "f32")}
+    assert bf16[("bf16", "bf16")] >= 0.9 * fp32[("f32", "f32")], bf16
     # parameters and optimizer state stay float32 under bf16 compute
-    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(run.params))
 
 
 def test_gradient_accumulation_gives_the_same_update(monkeypatch):
@@ -183,10 +211,10 @@ def test_gradient_accumulation_gives_the_same_update(monkeypatch):
     monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", 2**10)
     config.model.temporal.dropout = 0.0  # accumulation draws other dropout masks (steps.py)
     batches = fixed_batches(config, 2, BATCH)
-    ref_losses, ref_params, _ = run_steps(config, (1, 1), batches)
+    ref_losses, ref_params, *_ = run_steps(config, (1, 1), batches)
     assert_moved(ref_params)
     # on an FSDP mesh: the micro-batches are strided slices of every device's rows
-    losses, params, _ = run_steps(config, (2, 4), batches, grad_accum_steps=2)
+    losses, params, *_ = run_steps(config, (2, 4), batches, grad_accum_steps=2)
     delta = max_abs_diff(params, ref_params)
     print(
         f"accum 2 vs 1: max |d loss| {np.max(np.abs(losses - ref_losses)):.2e}, "
