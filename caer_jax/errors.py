@@ -33,6 +33,23 @@ class BadInputError(UserError, ValueError):
     """A file, flag or config value is there but unusable (wrong name, value or contents)."""
 
 
+class DamagedDataError(BadInputError):
+    """A dataset or feature-cache file, written whole, is missing or damaged now (flipped bytes,
+    cut short, deleted). `what` names the file, the record and its clip; `remedy` says how to get
+    the file back. Both are its args, so that it crosses grain's worker processes (pickled)
+    whole."""
+
+    def __init__(self, what: str, remedy: str):
+        super().__init__(what, remedy)
+
+    @property
+    def what(self) -> str:
+        return self.args[0]
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}; {self.args[1]}"
+
+
 def one_line(message: object) -> str:
     """The message on one line (line breaks become "; ")."""
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
