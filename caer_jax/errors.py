@@ -2,7 +2,8 @@
 
 A mistake in what the user gave (a missing or unreadable file, a truncated checkpoint, a config
 field or flag with a wrong name or value, an empty workdir) raises a `UserError` where it is
-detected, with a message that names the file, field or flag and says what to do. The entry points
+detected, with a message that names the file, field or flag and says what to do; so does a data
+file that storage damaged (DamagedDataError, which names the record too). The entry points
 turn it into one line on stderr and exit status 2; any other exception is a bug and keeps its
 traceback. The subclasses also derive from the built-in type that callers already catch.
 """

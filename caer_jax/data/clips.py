@@ -126,7 +126,8 @@ class SplitFrames:
     def remedy(self) -> str:
         return (
             f"the build is damaged: restore the file from a copy, or delete {self.directory} and "
-            "build the dataset again (`python -m caer_jax.data.check --config=...` lists every damaged record)"
+            "build the dataset again (`python -m caer_jax.data.check --config=...` lists every "
+            "damaged record)"
         )
 
     def damaged(self, index: int, problem: str) -> errors.DamagedDataError:
@@ -134,8 +135,9 @@ class SplitFrames:
 
     def shards(self) -> list[tuple[str, int, int]]:
         """(path, first record, number of records) of every shard file that holds records."""
-        firsts = np.cumsum([0] + [n for _, n in self.files])
-        return [(path, int(a), n) for (path, n), a in zip(self.files, firsts, strict=False) if n]
+        counts = [n for _, n in self.files]
+        firsts = np.cumsum([0, *counts[:-1]])
+        return [(path, int(a), n) for (path, n), a in zip(self.files, firsts, strict=True) if n]
 
     def lost_file(self, path: str, first: int, count: int, problem: str) -> errors.DamagedDataError:
         ids, last = self.table.video_ids, first + count - 1

@@ -155,7 +155,8 @@ def _refuse_if_stale(found: dict, expected: dict, where: Path) -> None:
 def _remedy(directory: Path) -> str:
     return (
         f"the feature cache is damaged: delete {directory} and the next train or eval run "
-        "builds it again (`python -m caer_jax.data.check --config=...` lists every damaged record)"
+        "builds it again (`python -m caer_jax.data.check --config=...` lists every damaged "
+        "record)"
     )
 
 
