@@ -265,24 +265,31 @@ class Checkpoints:
         for step in steps:
             try:
                 return step, restore_fn(step)
-            except IncompatibleCheckpointError:
+            except DamagedCheckpointError as error:
+                self._skip_damaged(step, error)
+            except errors.UserError:
+                # About the config or the data (a damaged dataset file read while the iterator
+                # is restored), not this checkpoint, which stays as it is.
                 raise
             except Exception as error:  # noqa: BLE001  (tensorstore/orbax raise many types)
-                logging.warning(
-                    "checkpoint %s cannot be restored (%s: %s); moved aside to %s.damaged, "
-                    "trying the previous one",
-                    self.directory / str(step),
-                    type(error).__name__,
-                    str(error)[:300],
-                    step,
-                )
-                self._set_aside(step)
+                self._skip_damaged(step, error)
         if steps:
             raise DamagedCheckpointError(
                 f"none of the checkpoints {steps} in {self.directory} can be restored (each is "
                 "now set aside as <step>.damaged); use another workdir to start afresh"
             )
         return None
+
+    def _skip_damaged(self, step: int, error: Exception) -> None:
+        logging.warning(
+            "checkpoint %s cannot be restored (%s: %s); moved aside to %s.damaged, "
+            "trying the previous one",
+            self.directory / str(step),
+            type(error).__name__,
+            str(error)[:300],
+            step,
+        )
+        self._set_aside(step)
 
     def _set_aside(self, step: int) -> None:
         # Renamed rather than deleted (someone may want to look at it); the run will write this

@@ -2,7 +2,8 @@
 
 A mistake in what the user gave (a missing or unreadable file, a truncated checkpoint, a config
 field or flag with a wrong name or value, an empty workdir) raises a `UserError` where it is
-detected, with a message that names the file, field or flag and says what to do. The entry points
+detected, with a message that names the file, field or flag and says what to do; so does a data
+file that storage damaged (DamagedDataError, which names the record too). The entry points
 turn it into one line on stderr and exit status 2; any other exception is a bug and keeps its
 traceback. The subclasses also derive from the built-in type that callers already catch.
 """
@@ -31,6 +32,23 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class BadInputError(UserError, ValueError):
     """A file, flag or config value is there but unusable (wrong name, value or contents)."""
+
+
+class DamagedDataError(BadInputError):
+    """A dataset or feature-cache file, written whole, is missing or damaged now (flipped bytes,
+    cut short, deleted). `what` names the file, the record and its clip; `remedy` says how to get
+    the file back. Both are its args, so that it crosses grain's worker processes (pickled)
+    whole."""
+
+    def __init__(self, what: str, remedy: str):
+        super().__init__(what, remedy)
+
+    @property
+    def what(self) -> str:
+        return self.args[0]
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}; {self.args[1]}"
 
 
 def one_line(message: object) -> str:

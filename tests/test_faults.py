@@ -1,7 +1,8 @@
 """Faults: a killed run resumes to the same parameters, SIGTERM saves at the signal's step, a
 damaged newest checkpoint falls back to the previous one (and still ends at the same parameters),
 a non-finite loss stops the run with the step and clips named or, with skip_nonfinite, is skipped
-and counted, and an incompatible config is refused.
+and counted, an incompatible config is refused, and a damaged dataset file stops the run with the
+checkpoints kept, to resume exactly once the file is restored.
 
 The kills are placed, not raced: tests/killed_training.py kills the training process itself at
 a chosen step and moment."""
@@ -10,6 +11,7 @@ import ast
 import functools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 import tiny_runs
 
-from caer_jax import checkpoint, sharding
+from caer_jax import checkpoint, errors, sharding
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
@@ -285,3 +287,56 @@ def test_parameters_restore_alone_without_the_optimizer_state(reference):
 def test_steps_per_epoch_is_what_the_tests_assume(reference):
     config, _, _ = reference
     assert pipeline.steps_per_epoch(config) == STEPS_PER_EPOCH
+
+
+def test_a_damaged_dataset_file_stops_the_run_and_the_restored_file_resumes_exactly(reference):
+    config, root, expected = reference
+    workdir = root / "damaged_data"
+    shutil.copytree(root / "reference" / "checkpoints", workdir / "checkpoints")
+    for step in saved_steps(workdir):
+        if step > TOTAL_STEPS - 2:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    data_dir = root / "damaged_tfds"
+    shutil.copytree(root / "tfds", data_dir)
+    (shard,) = data_dir.glob("raer/64px/*/raer-train.array_record-*")
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])
+    # The read fails in a grain worker process; the error crosses to the main process whole.
+    proc = start_training(
+        root, workdir, f"--config.data.data_dir={data_dir}", "--config.data.worker_count=1"
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    (line,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert re.match(
+        rf"error: {re.escape(str(shard))}: record \d+ \(frame \d+ of clip clips/\d+, record \d+ "
+        r"of the raer/64px train split in .*\) cannot be read \(.*\); the build is damaged: "
+        "restore the file from a copy",
+        line,
+    ), line
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    shard.write_bytes(intact)
+    out = finish(start_training(root, workdir, f"--config.data.data_dir={data_dir}"))
+    assert f"resumed from step {TOTAL_STEPS - 2}" in out
+    params, _ = final_params(config, workdir, TOTAL_STEPS)
+    assert_same_params(params, expected, "resumed once the dataset file was restored")
+
+
+def test_a_data_error_while_restoring_sets_no_checkpoint_aside(reference):
+    # With the feature cache, a missing cache file is found as the iterator is made inside the
+    # restore: that is the data's fault, not the checkpoint's.
+    _, root, _ = reference
+    workdir = root / "data_error_on_restore"
+    shutil.copytree(root / "reference" / "checkpoints", workdir / "checkpoints")
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+    def restore(step):
+        raise errors.DamagedDataError(f"chunk-00000.face.array_record: missing (step {step})", "")
+
+    ckpts = checkpoint.Checkpoints(workdir)
+    with pytest.raises(errors.DamagedDataError, match=f"missing \\(step {TOTAL_STEPS}\\)"):
+        ckpts.restore_newest_intact(restore)
+    ckpts.close()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before

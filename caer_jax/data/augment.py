@@ -49,6 +49,10 @@ def random_draw(rng: np.random.Generator, rotation_degrees: float, flip_prob: fl
     return Draw(angle=angle, flip=flip)
 
 
+# What Pillow raises for bytes it cannot decode as an image (unknown format, cut short, corrupt).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def decode_image(data: bytes) -> Image.Image:
     """A stored crop (JPEG or PNG bytes) as an RGB image."""
     image = Image.open(io.BytesIO(data))

@@ -4,22 +4,35 @@ A build stores one record per frame, a clip's frames consecutive and in order, a
 clips in its metadata (tfds_raer/raer/frame_records.py). `ClipSource.open(name, split)[i]` is
 clip i: its id, label and length from the table, and `read(frames)` reads just those frame
 records through `tfds.data_source` (random access to ArrayRecord, no TensorFlow), with the crops
-left encoded so that the caller decodes what it uses.
+left encoded so that the caller decodes what it uses (`images(frames)` decodes them).
+
+Damage that storage can do to a build (a shard deleted, cut short, bytes flipped: ArrayRecord's
+chunk hash catches those; a stored crop that does not decode) is turned here, where each record
+is read and decoded, into one `errors.DamagedDataError` naming the file, the record, its clip and
+frame, and what to do; also inside grain's worker processes, which hand the error back whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
 
 from caer_jax import errors
+from caer_jax.data import augment
 from tfds_raer.raer import frame_records
 
 STREAMS = ("face", "context")
+# What ArrayRecord's reader raises for a file it cannot open (missing, cut short) or a record it
+# cannot read back (a chunk whose hash does not match): riegeli's status, as RuntimeError.
+READ_ERRORS = (RuntimeError, OSError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +53,7 @@ class Clip:
             raise IndexError(f"{self.video_id}: frames {wanted} of {self.num_frames}")
         # One record at a time: the data source's batched read hands every call to a thread
         # pool, which costs more CPU than the 16-32 small reads of a clip.
-        by_frame = {t: self.split.records[self.first_record + t] for t in wanted}
+        by_frame = {t: self.split.record(self.first_record + t) for t in wanted}
         for t, record in by_frame.items():
             self.split.check(record, self, t)
         return {
@@ -51,6 +64,24 @@ class Clip:
     def read_all(self) -> dict[str, list]:
         return self.read(range(self.num_frames))
 
+    def images(self, frames: Sequence[int]) -> dict[str, list[Image.Image]]:
+        """The face and context crops of `frames` decoded (RGB), in the order asked."""
+        encoded = self.read(frames)
+        return {
+            stream: [
+                self._decode(data, stream, t)
+                for data, t in zip(encoded[stream], frames, strict=True)
+            ]
+            for stream in STREAMS
+        }
+
+    def _decode(self, data: bytes, stream: str, frame: int) -> Image.Image:
+        try:
+            return augment.decode_image(data)
+        except augment.DECODE_ERRORS as e:
+            problem = f"holds a {stream} crop that does not decode ({errors.one_line(e)})"
+            raise self.split.damaged(self.first_record + int(frame), problem) from e
+
 
 @dataclasses.dataclass(frozen=True)
 class SplitFrames:
@@ -58,7 +89,69 @@ class SplitFrames:
 
     records: Any  # tfds.data_source, crops left encoded
     table: frame_records.ClipTable
-    where: str
+    where: str  # "<name> <split> split in <folder>"
+    directory: str  # the build's version folder
+    files: tuple[tuple[str, int], ...]  # (path, records) of every shard, in record order
+
+    def clip(self, position: int) -> Clip:
+        """The clip at `position` of the table."""
+        t = self.table
+        first = int(t.first_frames[position])
+        return Clip(t.video_ids[position], t.labels[position], t.num_frames[position], first, self)
+
+    def record(self, index: int) -> dict:
+        """Frame record `index`; one that cannot be read raises DamagedDataError."""
+        try:
+            return self.records[index]
+        except READ_ERRORS as e:
+            raise self.damaged(index, f"cannot be read ({errors.one_line(e)})") from e
+
+    def file_of(self, index: int) -> tuple[str, int]:
+        """(shard path, position in it) of record `index`."""
+        for path, first, count in self.shards():
+            if index < first + count:
+                return path, index - first
+        raise IndexError(f"record {index} of the {self.where}, which has {len(self.records)}")
+
+    def describe(self, index: int) -> str:
+        """Record `index` as a user finds it: its file and place there, its clip and frame."""
+        path, position = self.file_of(index)
+        clip, frame = self.table.locate(index)
+        return (
+            f"{path}: record {position} (frame {frame} of clip {self.table.video_ids[clip]}, "
+            f"record {index} of the {self.where})"
+        )
+
+    @property
+    def remedy(self) -> str:
+        return (
+            f"the build is damaged: restore the file from a copy, or delete {self.directory} and "
+            "build the dataset again (`python -m caer_jax.data.check --config=...` lists every "
+            "damaged record)"
+        )
+
+    def damaged(self, index: int, problem: str) -> errors.DamagedDataError:
+        return errors.DamagedDataError(f"{self.describe(index)} {problem}", self.remedy)
+
+    def shards(self) -> list[tuple[str, int, int]]:
+        """(path, first record, number of records) of every shard file that holds records."""
+        counts = [n for _, n in self.files]
+        firsts = np.cumsum([0, *counts[:-1]])
+        return [(path, int(a), n) for (path, n), a in zip(self.files, firsts, strict=True) if n]
+
+    def lost_file(self, path: str, first: int, count: int, problem: str) -> errors.DamagedDataError:
+        ids, last = self.table.video_ids, first + count - 1
+        return errors.DamagedDataError(
+            f"{path}: {problem} (it holds records {first} to {last} of the {self.where}, frames "
+            f"of clips {ids[self.table.locate(first)[0]]} to {ids[self.table.locate(last)[0]]})",
+            self.remedy,
+        )
+
+    def check_files(self) -> None:
+        """Raises DamagedDataError for a shard that is not there (before any read needs it)."""
+        for path, first, count in self.shards():
+            if not epath.Path(path).exists():
+                raise self.lost_file(path, first, count, "missing")
 
     def check(self, record: dict, clip: Clip, frame: int) -> None:
         """A frame record must be the frame of the clip the table puts there, with its label
@@ -71,11 +164,11 @@ class SplitFrames:
         )
         wanted = (clip.video_id, frame, clip.label, clip.num_frames)
         if found != wanted:
-            raise errors.BadInputError(
+            raise errors.DamagedDataError(
                 f"{self.where}: record {clip.first_record + frame} is frame {found[1]} of "
                 f"{found[0]} (label {found[2]}, {found[3]} frames), but the clip table puts frame "
-                f"{frame} of {clip.video_id} (label {clip.label}, {clip.num_frames} frames) "
-                f"there; the build is damaged: rebuild it"
+                f"{frame} of {clip.video_id} (label {clip.label}, {clip.num_frames} frames) there",
+                "the build is damaged: rebuild it",
             )
 
 
@@ -102,7 +195,9 @@ def open_split(name: str, split: str, data_dir: str | None) -> SplitFrames:
             f"{where}: the clip table in its metadata counts {table.total_frames} frames, the "
             f"records hold {len(records)}; the build is damaged: rebuild it"
         )
-    return SplitFrames(records, table, where)
+    split_info = info.splits[split]
+    files = tuple(zip(map(os.fspath, split_info.filepaths), split_info.shard_lengths, strict=True))
+    return SplitFrames(records, table, where, os.fspath(info.data_dir), files)
 
 
 class ClipSource:
@@ -121,17 +216,14 @@ class ClipSource:
             base = part.split("[", 1)[0].strip()
             if base not in splits:
                 splits[base] = open_split(name, base, data_dir)
+                splits[base].check_files()
         sizes = {
             base: types.SimpleNamespace(num_examples=len(s.table)) for base, s in splits.items()
         }
         clips = []
         for part in instruction.to_absolute(sizes):
             frames = splits[part.splitname]
-            t, first = frames.table, frames.table.first_frames
-            for i in range(len(t))[part.from_ : part.to]:
-                clips.append(
-                    Clip(t.video_ids[i], t.labels[i], t.num_frames[i], int(first[i]), frames)
-                )
+            clips += [frames.clip(i) for i in range(len(frames.table))[part.from_ : part.to]]
         return cls(clips, next(iter(splits.values())).records.dataset_info)
 
     def __len__(self) -> int:

@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from caer_jax import errors
-from caer_jax.data import augment, pipeline
+from caer_jax.data import augment, clips, pipeline
 from caer_jax.models import caer
 
 FORMAT_VERSION = 1
@@ -152,6 +152,24 @@ def _refuse_if_stale(found: dict, expected: dict, where: Path) -> None:
         )
 
 
+def _remedy(directory: Path) -> str:
+    return (
+        f"the feature cache is damaged: delete {directory} and the next train or eval run "
+        "builds it again (`python -m caer_jax.data.check --config=...` lists every damaged "
+        "record)"
+    )
+
+
+def _read_json(path: Path, directory: Path) -> dict:
+    """A JSON file of the cache of `directory`; one that cannot be read or parsed is damage."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise errors.DamagedDataError(
+            f"{path}: cannot be read ({errors.one_line(e)})", _remedy(directory)
+        ) from e
+
+
 def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
@@ -205,15 +223,14 @@ def _build_chunk(config, source, encode, directory: Path, chunk: int, key: dict,
     labels, num_frames, video_ids = [], [], []
     for index in range(start, stop):
         clip = source[index]
-        n, encoded = clip.num_frames, clip.read_all()
+        n, images = clip.num_frames, clip.images(range(clip.num_frames))
         pixels = {}
         for stream in pipeline.STREAMS:
-            images = [augment.decode_image(data) for data in encoded[stream]]
-            pixels[stream] = augment.transform_frames_uint8(images, config.data.image_size)
+            pixels[stream] = augment.transform_frames_uint8(images[stream], config.data.image_size)
             if fc.flipped:  # the pixel path's own flip: after the resize, of every frame
                 flip = augment.Draw(flip=True)
                 pixels[stream + FLIPPED] = augment.transform_frames_uint8(
-                    images, config.data.image_size, flip
+                    images[stream], config.data.image_size, flip
                 )
         features = encode(np.concatenate([pixels[v] for v in all_views]))
         for i, v in enumerate(all_views):
@@ -247,7 +264,7 @@ def build(
     directory = split_dir(config, split, sha)
     info_path = directory / INFO_FILE
     if info_path.exists():
-        _refuse_if_stale(json.loads(info_path.read_text())["key"], key, directory)
+        _refuse_if_stale(_read_json(info_path, directory)["key"], key, directory)
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     fc = config.data.feature_cache
@@ -257,7 +274,7 @@ def build(
     for chunk in range(process_index, num_chunks, process_count):
         marker = _chunk_path(directory, chunk, "json")
         if marker.exists():
-            _refuse_if_stale(json.loads(marker.read_text())["key"], key, directory)
+            _refuse_if_stale(_read_json(marker, directory)["key"], key, directory)
         else:
             todo.append(chunk)
     if todo:
@@ -279,29 +296,45 @@ def build(
 
 
 class FeatureSource:
-    """Random-access clips of a built cache: {view: float32 [num_frames, D]}, label, video_id."""
+    """Random-access clips of a built cache: {view: float32 [num_frames, D]}, label, video_id.
 
-    def __init__(self, directory: Path, expected_key: dict):
+    A chunk file that is missing fails here; one that is cut short or holds flipped bytes fails
+    at the read of a record it holds: DamagedDataError naming the file, the clip, and what to do.
+    """
+
+    def __init__(self, directory: Path, expected_key: dict | None):
+        """`expected_key` None: whatever the cache holds (to check it, not to train on it)."""
         info_path = directory / INFO_FILE
         if not info_path.exists():
-            raise FileNotFoundError(
+            raise errors.MissingInputError(
                 f"no feature cache in {directory} ({INFO_FILE} missing): it is built by "
                 "caer_jax.train, or feature_cache.build"
             )
-        info = json.loads(info_path.read_text())
-        _refuse_if_stale(info["key"], expected_key, directory)
+        self.directory = directory
+        info = _read_json(info_path, directory)
+        if expected_key is not None:
+            _refuse_if_stale(info["key"], expected_key, directory)
         self.feature_dim = info["feature_dim"]
         chunks = range(info["num_chunks"])
-        markers = [json.loads(_chunk_path(directory, c, "json").read_text()) for c in chunks]
+        markers = [_read_json(_chunk_path(directory, c, "json"), directory) for c in chunks]
         self.labels = np.concatenate([m["labels"] for m in markers]).astype(np.int32)
         self.num_frames = np.concatenate([m["num_frames"] for m in markers]).astype(np.int64)
         self.video_ids = [v for m in markers for v in m["video_ids"]]
-        self._views = {
-            v: grain.sources.ArrayRecordDataSource(
-                [str(_chunk_path(directory, c, f"{v}.array_record")) for c in chunks]
+        self._chunk_ends = np.cumsum([len(m["labels"]) for m in markers])
+        self._views = {}
+        for v in views(info["key"]["flipped"]):
+            paths = [_chunk_path(directory, c, f"{v}.array_record") for c in chunks]
+            for path in paths:
+                if not path.exists():
+                    raise errors.DamagedDataError(f"{path}: missing", _remedy(directory))
+            # "path[0:n]": the record counts of the markers, so that no file is opened before a
+            # read needs it (a damaged one then fails at that read, naming the clip).
+            self._views[v] = grain.sources.ArrayRecordDataSource(
+                [
+                    f"{path}[0:{n}]"
+                    for path, n in zip(paths, np.diff(self._chunk_ends, prepend=0), strict=True)
+                ]
             )
-            for v in views(info["key"]["flipped"])
-        }
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -309,12 +342,25 @@ class FeatureSource:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} of a feature cache of {len(self)} clips")
-        record = {
-            v: np.frombuffer(source[index], np.float32).reshape(-1, self.feature_dim)
-            for v, source in self._views.items()
-        }
+        record = {}
+        for v, source in self._views.items():
+            try:
+                data = source[index]
+            except clips.READ_ERRORS as e:
+                raise self.damaged(index, v, f"cannot be read ({errors.one_line(e)})") from e
+            record[v] = np.frombuffer(data, np.float32).reshape(-1, self.feature_dim)
         record.update(label=self.labels[index], video_id=self.video_ids[index])
         return record
+
+    def damaged(self, index: int, view: str, problem: str) -> errors.DamagedDataError:
+        chunk = int(np.searchsorted(self._chunk_ends, index, side="right"))
+        position = index - (int(self._chunk_ends[chunk - 1]) if chunk else 0)
+        path = _chunk_path(self.directory, chunk, f"{view}.array_record")
+        return errors.DamagedDataError(
+            f"{path}: record {position} (the {view} features of clip {self.video_ids[index]}, "
+            f"clip {index} of the cache) {problem}",
+            _remedy(self.directory),
+        )
 
 
 class FeatureLoader:

@@ -136,12 +136,13 @@ class ClipLoader:
     def load(self, clip: clips.Clip, index: int, rng: np.random.Generator | None) -> dict:
         """`rng` None: eval sampling, no augmentation; else train sampling and one draw/stream."""
         frames, draws = self.sample(clip.num_frames, rng)
-        encoded = clip.read(frames)
+        images = clip.images(frames)
         out = {}
         for stream in STREAMS:
-            images = [augment.decode_image(data) for data in encoded[stream]]
             # uint8 all the way to the device (the jitted step makes them float).
-            out[stream] = augment.transform_frames_uint8(images, self.image_size, draws[stream])
+            out[stream] = augment.transform_frames_uint8(
+                images[stream], self.image_size, draws[stream]
+            )
         out["label"] = np.int32(clip.label)
         out["mask"] = np.bool_(True)
         out["index"] = np.int32(index)

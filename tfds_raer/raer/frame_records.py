@@ -19,6 +19,7 @@ layout (the RAER builder, the tests' fixtures) use `features`, `frame_examples` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -97,10 +98,15 @@ class ClipTable:
     def __len__(self) -> int:
         return len(self.video_ids)
 
-    @property
+    @functools.cached_property  # a frozen dataclass's __dict__ can still cache it
     def first_frames(self) -> np.ndarray:
         """The record index of every clip's first frame."""
         return np.cumsum((0,) + self.num_frames[:-1], dtype=np.int64)[: len(self)]
+
+    def locate(self, record: int) -> tuple[int, int]:
+        """(clip position, frame index) of record `record` of the split."""
+        clip = int(np.searchsorted(self.first_frames, record, side="right")) - 1
+        return clip, record - int(self.first_frames[clip])
 
     @property
     def total_frames(self) -> int:
