@@ -46,12 +46,6 @@ def _check_clip_count(found: int, config: ml_collections.ConfigDict, where: str)
         )
 
 
-def _annotated_clips(manual_dir: Path) -> int:
-    return sum(
-        len((manual_dir / name).read_text().splitlines()) for name in ("train.txt", "test.txt")
-    )
-
-
 def _check_classes(config: ml_collections.ConfigDict) -> None:
     builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
     label_set = label_sets.load(config.model.label_set)
