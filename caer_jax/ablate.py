@@ -5,9 +5,10 @@
 Trains one run per (streams, text type, seed) with `train.train_and_evaluate`, one after another
 in this process, into `<workdir>/<streams>-<text type>-seed<seed>`, and prints a Markdown table of
 the best checkpoint's test UAR and WAR, mean +- sample standard deviation over the seeds (as
-caer_jax.report; also written to `<workdir>/ablation.md` and `ablation.json`). Meant for the `feature_cache` variant: the image
-encoder of a seed is the same in every cell, so its features are computed by the first run and
-read by the others. Rerunning resumes: a finished run only re-evaluates its best checkpoint.
+caer_jax.report; also written to `<workdir>/ablation.md` and `ablation.json`). Meant for the
+`feature_cache` variant: the image encoder of a seed is the same in every cell, so its features
+are computed by the first run and read by the others. Rerunning resumes: a finished run only
+re-evaluates its best checkpoint.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import json
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from caer_jax import cli, metrics, train
 from caer_jax.models import caer
 
 # --config and --workdir are caer_jax.train's own flags (--workdir: the folder of the runs).
 _CONFIG, _WORKDIR = train._CONFIG, train._WORKDIR
+flags.adopt_module_key_flags(train)  # --help lists them with this command's own flags
 _STREAMS = flags.DEFINE_list("streams", ["face", "context", "both"], "config.model.streams values.")
 _TEXT_TYPES = flags.DEFINE_list(
     "text_types", ["class_descriptor", "class_names"], "config.model.prompt.text_type values."
@@ -98,7 +100,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

@@ -362,7 +362,7 @@ def main_convert(
     return changed
 
 
-def _cli() -> None:
+def main() -> None:
     from absl import flags
     from ml_collections import config_flags
 
@@ -387,4 +387,4 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
-    _cli()
+    main()

@@ -12,7 +12,6 @@ the cost of keeping the face crop at its source size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfds_raer  # noqa: F401  (registers "raer")
+from caer_jax import errors
 from caer_jax.data import augment
 from tfds_raer.raer import raer_lib
 
@@ -254,7 +254,13 @@ def storage_rates(image_size: int = 224, num_frames: int = 16) -> list[dict[str,
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The command line; a bad argument prints one `error:` line and exits with status 2."""
+    with errors.reported():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> list[dict[str, Any]]:
+    p = errors.ArgumentParser(prog="python -m tfds_raer.raer.benchmark", description=__doc__)
     p.add_argument("--manual_dir", help="build rate of this manual_dir")
     p.add_argument("--storage", action="store_true", help="storage figures on photographs")
     p.add_argument("--config", default="64px")
