@@ -16,10 +16,9 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
-from jax.experimental import multihost_utils
 
 import tfds_raer  # noqa: F401  (registers the "raer" builder)
-from caer_jax import errors, label_sets
+from caer_jax import distributed, errors, label_sets
 from caer_jax.data import synthetic
 from tfds_raer.raer import frame_records
 
@@ -127,4 +126,4 @@ def _build(config: ml_collections.ConfigDict) -> None:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
         )
-    multihost_utils.sync_global_devices("caer_jax.prepare_data")
+    distributed.barrier("prepare_data")
