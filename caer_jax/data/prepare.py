@@ -65,8 +65,8 @@ def not_built_error(config: ml_collections.ConfigDict) -> errors.MissingInputErr
         if p.name != str(builder.version) and p.name.replace(".", "").isdigit()
     )
     older = (
-        f" (only version {', '.join(others)} is there, written by another builder version "
-        f"whose records this one cannot read)"
+        f" (only version {', '.join(others)} is there, written by another builder version: "
+        f"its records differ, see the release notes in tfds_raer/raer)"
         if others
         else ""
     )
