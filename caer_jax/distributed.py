@@ -77,7 +77,9 @@ def barrier(name: str) -> None:
 def compile_together(name: str, jitted, *args) -> None:
     """Compiles `jitted` for `args` (the call that follows reuses the program), then waits at a
     barrier for every process to have done the same, so that the program's first collective
-    finds every process there."""
+    finds every process there. With a single process nothing (the first call compiles)."""
+    if jax.process_count() == 1:
+        return
     jitted.lower(*args).compile()
     late = os.environ.get(LATE_ENV, "").split(":")
     if late[0] == name and int(late[1]) == jax.process_index():
