@@ -4,10 +4,11 @@
 
 Trains one run per (streams, text type, seed) with `train.train_and_evaluate`, one after another
 in this process, into `<workdir>/<streams>-<text type>-seed<seed>`, and prints a Markdown table of
-the best checkpoint's test UAR and WAR, mean +- std over the seeds (also written to
-`<workdir>/ablation.md` and `ablation.json`). Meant for the `feature_cache` variant: the image
-encoder of a seed is the same in every cell, so its features are computed by the first run and
-read by the others. Rerunning resumes: a finished run only re-evaluates its best checkpoint.
+the best checkpoint's test UAR and WAR, mean +- sample standard deviation over the seeds (as
+caer_jax.report; also written to `<workdir>/ablation.md` and `ablation.json`). Meant for the
+`feature_cache` variant: the image encoder of a seed is the same in every cell, so its features
+are computed by the first run and read by the others. Rerunning resumes: a finished run only
+re-evaluates its best checkpoint.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import json
 from pathlib import Path
 
 import ml_collections
-import numpy as np
-from absl import app, flags
+from absl import flags
 
-from caer_jax import cli, train
+from caer_jax import cli, metrics, train
 from caer_jax.models import caer
 
 # --config and --workdir are caer_jax.train's own flags (--workdir: the folder of the runs).
 _CONFIG, _WORKDIR = train._CONFIG, train._WORKDIR
+flags.adopt_module_key_flags(train)  # --help lists them with this command's own flags
 _STREAMS = flags.DEFINE_list("streams", ["face", "context", "both"], "config.model.streams values.")
 _TEXT_TYPES = flags.DEFINE_list(
     "text_types", ["class_descriptor", "class_names"], "config.model.prompt.text_type values."
@@ -57,33 +58,33 @@ def run_grid(config, workdir: Path, streams, text_types, seeds) -> list[dict]:
                 if summary is None:
                     raise RuntimeError("preempted; run the same command again to resume")
                 results.append({"seed": int(seed), "uar": summary["uar"], "war": summary["war"]})
-            uar = np.array([r["uar"] for r in results])
-            war = np.array([r["war"] for r in results])
-            rows.append(
-                {
-                    "streams": stream,
-                    "text_type": text_type,
-                    "runs": results,
-                    "uar_mean": float(uar.mean()),
-                    "uar_std": float(uar.std()),
-                    "war_mean": float(war.mean()),
-                    "war_std": float(war.std()),
-                }
-            )
+            rows.append(summary_row(stream, text_type, results))
     return rows
+
+
+def summary_row(stream: str, text_type: str, results: list[dict]) -> dict:
+    """A cell's row: its per-seed figures and their mean +- sample sd (as caer_jax.report)."""
+    row = {"streams": stream, "text_type": text_type, "runs": results}
+    for key in ("uar", "war"):
+        row[f"{key}_mean"], row[f"{key}_std"] = metrics.mean_and_sd([r[key] for r in results])
+    return row
+
+
+def _spread(mean: float, sd: float | None) -> str:
+    return f"{mean:.2f} ± {'n/a' if sd is None else f'{sd:.2f}'}"
 
 
 def table(rows: list[dict]) -> str:
     seeds = len(rows[0]["runs"])
     lines = [
-        f"| streams | text type | test UAR (mean ± std, {seeds} seeds) | test WAR | UAR per seed |",
+        f"| streams | text type | test UAR (mean ± sample sd, {seeds} seeds) | test WAR | UAR per seed |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         per_seed = ", ".join(f"{x['uar']:.1f}" for x in r["runs"])
         lines.append(
-            f"| {r['streams']} | {r['text_type']} | {r['uar_mean']:.2f} ± {r['uar_std']:.2f} | "
-            f"{r['war_mean']:.2f} ± {r['war_std']:.2f} | {per_seed} |"
+            f"| {r['streams']} | {r['text_type']} | {_spread(r['uar_mean'], r['uar_std'])} | "
+            f"{_spread(r['war_mean'], r['war_std'])} | {per_seed} |"
         )
     return "\n".join(lines)
 
@@ -99,7 +100,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    app.run(run)
+    cli.main(run)
 
 
 if __name__ == "__main__":

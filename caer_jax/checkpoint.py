@@ -20,10 +20,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 import caer_jax
-from caer_jax import errors, label_sets
+from caer_jax import distributed, errors, label_sets
 from caer_jax.state import TrainState
 
 SELECTION_METRIC = "uar"
@@ -296,7 +295,7 @@ class Checkpoints:
         # step again.
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(self.directory / f"{step}.damaged")
-        multihost_utils.sync_global_devices(f"caer_jax.checkpoint.set_aside.{step}")
+        distributed.barrier(f"checkpoint.set_aside.{step}")
         self.manager.reload()
 
     def wait(self) -> None:

@@ -12,6 +12,7 @@ import difflib
 import logging as py_logging
 import os
 import re
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -67,13 +68,35 @@ def start(argv, **required_flags) -> None:
 
 def main(run: Callable[[list[str]], object]) -> None:
     """`app.run(run)` in the error style of caer_jax.errors: a flag or config mistake, or a
-    UserError raised by `run`, prints one `error:` line and exits with status 2."""
+    UserError raised by `run`, prints one `error:` line and exits with status 2. --help (or -h)
+    prints the command's docstring and flags and exits with status 0."""
 
     def guarded(argv: list[str]) -> object:
         with errors.reported():
             return run(argv)
 
-    app.run(guarded, flags_parser=parse_flags)
+    def parse(argv: list[str]) -> list[str]:
+        given = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+        if set(given) & _HELP_FLAGS:
+            print(usage(sys.modules[run.__module__]))
+            sys.exit(0)
+        return parse_flags(argv)
+
+    app.run(guarded, flags_parser=parse)
+
+
+# absl's own --help exits with status 1 and shows the docstring and flags of `__main__`, which
+# for an installed console script (caer-train) is setuptools' wrapper: no text, no flags.
+_HELP_FLAGS = {"--help", "-help", "--helpshort", "-helpshort", "-?", "-h"}
+
+
+def usage(module) -> str:
+    """The help of the command whose `run` is in `module`: its docstring, the flags it defines
+    or adopts (absl files those of a module run with -m under sys.argv[0]) and this module's."""
+    name = sys.argv[0] if module.__name__ == "__main__" else module.__name__
+    listed = "\n".join(flags.FLAGS.module_help(m) for m in (name, __name__))
+    text = (module.__doc__ or "").strip()
+    return f"{text}\n\nflags:\n{listed}\n\n--helpfull lists every flag, those of the libraries too."
 
 
 # ----------------------------------------------------------------------------- flags

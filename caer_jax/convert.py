@@ -8,8 +8,10 @@ checkpoint format"): CLIP geometry from the tensor shapes, n_cls and n_ctx from
 `prompt_learner.ctx`, the prompt token ids (hence the EOT positions) by finding every
 `token_prefix`/`token_suffix` row in the token embedding table, and the clip length from the
 temporal positional embedding. No tokenizer is needed. Values that shapes cannot tell come from
-the config: attention heads (CLIP towers: the config's where its width matches the checkpoint's,
-else OpenAI's rule width // 64; temporal nets: the config's), the class-token position, dropout.
+the config: attention heads (CLIP towers: those given on the command line, else the config's
+where its width matches the checkpoint's, else OpenAI's rule width // 64, and an error where they
+do not divide the checkpoint's width; temporal nets: the config's), the class-token position,
+dropout.
 
 The written checkpoint is a step-0 train state (params + fresh optimizer state) in workdir's
 orbax CheckpointManager: `python -m caer_jax.eval --step=latest` evaluates it and
@@ -24,7 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -147,8 +149,35 @@ def _temporal(sd: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
     return p, sizes
 
 
+def _clip_heads(
+    geometry: clip_weights.CLIPGeometry, clip_cfg: ml_collections.ConfigDict, given: Collection[str]
+) -> dict[str, int]:
+    """The attention heads of each CLIP tower, which the shapes cannot tell: a head count the
+    user gave (a key of `given`); else the config's where its width is the checkpoint's; else
+    OpenAI's rule, width // 64. A count that does not split the checkpoint's width is refused,
+    as the model would silently be another one."""
+    heads = {}
+    for tower in ("vision", "text"):
+        key, width = f"{tower}_heads", getattr(geometry, f"{tower}_width")
+        configured = clip_cfg[f"{tower}_width"] == width
+        if f"model.clip.{key}" in given or configured:
+            count, source = clip_cfg[key], f"config.model.clip.{key}={clip_cfg[key]}"
+        else:
+            count, source = getattr(geometry, key), f"OpenAI's rule {width} // 64"
+        if count < 1 or width % count:
+            raise WeightsError(
+                f"{source} heads do not divide the checkpoint's {tower} width {width} "
+                f"(config.model.clip.{tower}_width is {clip_cfg[f'{tower}_width']}); give "
+                f"--config.model.clip.{key}=N with N dividing {width}"
+            )
+        heads[key] = count
+    return heads
+
+
 def convert_state_dict(
-    sd: Mapping[str, Any], model_cfg: ml_collections.ConfigDict | None = None
+    sd: Mapping[str, Any],
+    model_cfg: ml_collections.ConfigDict | None = None,
+    given: Collection[str] = (),
 ) -> tuple[caer.CLIPCAER, dict, dict[str, Any]]:
     """(model, params, overrides) from an official state dict; see `convert_official`."""
     if model_cfg is None:
@@ -165,15 +194,7 @@ def convert_state_dict(
     clip_params, geometry = clip_weights.from_openai_state_dict(
         _clip_state_dict(sd), what="official checkpoint (image_encoder./text_encoder.)"
     )
-    # Heads are not in the shapes: the config's where its width matches, else OpenAI's width // 64.
-    heads = {}
-    for tower in ("vision", "text"):
-        width = getattr(geometry, f"{tower}_width")
-        same = cfg.clip[f"{tower}_width"] == width
-        heads[f"{tower}_heads"] = (
-            cfg.clip[f"{tower}_heads"] if same else getattr(geometry, f"{tower}_heads")
-        )
-    geometry = dataclasses.replace(geometry, **heads)
+    geometry = dataclasses.replace(geometry, **_clip_heads(geometry, cfg.clip, given))
     ctx = _np(sd["prompt_learner.ctx"]).astype(np.float32, copy=False)
     ids = prompt_token_ids(sd)
     overrides: dict[str, Any] = {f"model.clip.{k}": v for k, v in geometry.__dict__.items()}
@@ -229,7 +250,9 @@ def convert_state_dict(
 
 
 def convert_official(
-    path: str | os.PathLike, model_cfg: ml_collections.ConfigDict | None = None
+    path: str | os.PathLike,
+    model_cfg: ml_collections.ConfigDict | None = None,
+    given: Collection[str] = (),
 ) -> tuple[caer.CLIPCAER, dict, dict[str, Any]]:
     """Read an official model_best.pth: returns (model, params, overrides).
 
@@ -237,10 +260,11 @@ def convert_official(
     ("model.clip.vision_width", "model.prompt.n_ctx", "data.num_segments", ...) to the values read
     off the checkpoint, to apply to a config before training or evaluating with these params.
     `model_cfg` (default: the paper's) supplies what shapes cannot tell (temporal heads, class
-    token position, dropout, logit scale, dtype).
+    token position, dropout, logit scale, dtype); CLIP heads as `_clip_heads` says, where
+    `given` holds the config keys that the user set (the command line's overrides).
     """
     try:
-        return convert_state_dict(load_official_state_dict(path), model_cfg)
+        return convert_state_dict(load_official_state_dict(path), model_cfg, given)
     except WeightsError as e:
         if os.fspath(path) in str(e):
             raise
@@ -330,18 +354,23 @@ def write_checkpoint(
 
 
 def main_convert(
-    official: str | os.PathLike, config: ml_collections.ConfigDict, workdir: str | os.PathLike
+    official: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    given: Collection[str] = (),
 ) -> dict[str, tuple[Any, Any]]:
-    """The CLI: convert, set the config from the checkpoint, check prompts, write; returns the
-    config values that the checkpoint changed ({key: (config's, checkpoint's)})."""
-    model, params, overrides = convert_official(official, config.model)
+    """The CLI: convert, set the config from the checkpoint, check prompts, write (the config
+    saved beside the weights holds the geometry used, heads included); returns the config values
+    that the checkpoint changed or the command line gave ({key: (config's, checkpoint's)}): what
+    train and eval must be given too. `given`: as convert_official."""
+    model, params, overrides = convert_official(official, config.model, given)
     changed = {}
     for key, value in overrides.items():
         node = config
         for part in key.split(".")[:-1]:
             node = node[part]
         old = node[key.split(".")[-1]]
-        if old != value:
+        if old != value or key in given:  # a given head count: not in the config file either
             changed[key] = (old, value)
     from caer_jax import checkpoint
 
@@ -362,7 +391,7 @@ def main_convert(
     return changed
 
 
-def _cli() -> None:
+def main() -> None:
     from absl import flags
     from ml_collections import config_flags
 
@@ -374,7 +403,10 @@ def _cli() -> None:
 
     def run(argv):
         cli.start(argv, official=official.value, config=config_flag.value, workdir=workdir.value)
-        changed = main_convert(official.value, config_flag.value, workdir.value)
+        # The config keys set on the command line ("model.clip.text_heads"): a head count given
+        # there applies to the checkpoint's width, whatever width the config file has.
+        given = set(config_flags.get_override_values(flags.FLAGS[config_flag.name]))
+        changed = main_convert(official.value, config_flag.value, workdir.value, given)
         print(f"wrote step 0 to {workdir.value}/checkpoints")
         if changed:
             print("the checkpoint differs from the config; pass these to train/eval:")
@@ -387,4 +419,4 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
-    _cli()
+    main()

@@ -10,6 +10,7 @@ traceback. The subclasses also derive from the built-in type that callers alread
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -61,6 +62,18 @@ def fail(message: object) -> NoReturn:
     sys.stdout.flush()
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_STATUS)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands that are not absl programs: a mistake raises BadInputError
+    (under `reported()`, one `error:` line and exit status 2) instead of printing the usage and
+    argparse's own line. --help shows the description (the command's docstring) as written."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise BadInputError(f"{message} (--help lists the arguments)")
 
 
 @contextlib.contextmanager

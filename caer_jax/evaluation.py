@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from caer_jax import checkpoint, label_sets, metrics, sharding, steps
+from caer_jax import checkpoint, distributed, label_sets, metrics, sharding, steps
 from caer_jax import state as state_lib
 from caer_jax.data import feature_cache, pipeline, prefetch, prepare
 from caer_jax.models import caer
@@ -53,6 +53,8 @@ def predict_split(
     # Batches reach the devices ahead of use and outputs stay there until the split is done:
     # one transfer back instead of a sync per batch.
     batches = prefetch.DevicePrefetch(host_batches, mesh, host_fields=())
+    if (first := batches.peek()) is not None:
+        distributed.compile_together("eval", step_fn, params, first)
     device_outputs = []
     for batch, _ in tqdm(batches, desc=f"eval {split}", disable=jax.process_index() != 0):
         device_outputs.append(step_fn(params, batch))

@@ -123,6 +123,17 @@ def bootstrap_intervals(
     }
 
 
+def mean_and_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (divisor n - 1) of one figure over runs that differ
+    only by seed: the seeds are a sample of the seeds one could have run, and the population sd
+    would understate the spread, most with the 2-5 seeds a table shows. The sd of one run is
+    None (undefined). Every table of seeds (report, ablate) uses this one function."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"mean_and_sd needs a non-empty list of figures, got {values!r}")
+    return float(x.mean()), (float(x.std(ddof=1)) if len(x) > 1 else None)
+
+
 def write_json(metrics: dict, path: Path) -> None:
     Path(path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 

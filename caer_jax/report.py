@@ -10,7 +10,6 @@ stands for those runs.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from flax import traverse_util
 
-from caer_jax import errors, label_sets
+from caer_jax import errors, label_sets, metrics
 
 USAGE = "usage: python -m caer_jax.report RUN_DIR [RUN_DIR ...]"
 
@@ -116,7 +115,8 @@ def _interval(value: float | None, bounds: list[float] | None, digits: int) -> s
 def _spread(values: list[float | None], digits: int) -> str:
     if any(v is None for v in values):
         return "n/a"
-    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+    mean, sd = metrics.mean_and_sd(values)
+    return f"{mean:.{digits}f} +- {sd:.{digits}f}"
 
 
 def _cells(run: Run, class_names: Sequence[str]) -> list[str]:

@@ -27,6 +27,7 @@ from caer_jax import (
     checkpoint,
     cli,
     compilation,
+    distributed,
     evaluation,
     host_loop,
     label_sets,
@@ -378,6 +379,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     preempted = False
     last_step = start_step
     try:
+        if start_step < total_steps:
+            batch = train_iter.peek()
+            distributed.compile_together("train", step_fn, state, batch, setup.dropout_rng)
         for step in range(start_step + 1, total_steps + 1):
             batch, host = next(train_iter)
             state, step_metrics = step_fn(state, batch, setup.dropout_rng)

@@ -152,7 +152,9 @@ def test_data_source_random_access_and_crop_pixels(synthetic_build):
             diff = np.abs(got.astype(np.float32) - want)
             assert diff.mean() < 6.0 and np.percentile(diff, 99) < 50
             # and exactly what encoding the expected crop at the default quality gives
-            jpeg = raer_lib.encode_image(Image.fromarray(want.astype(np.uint8)), "jpeg", 95)
+            jpeg = raer_lib.encode_image(
+                Image.fromarray(want.astype(np.uint8)), "jpeg", 95, "4:4:4"
+            )
             np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(jpeg))))
     # every frame of every train clip, once
     want = {(line.split(" ")[0], t) for line in train_lines for t in range(int(line.split(" ")[1]))}
@@ -310,6 +312,7 @@ def test_statistics_in_metadata(synthetic_build):
         == missing
     )
     assert builder.info.metadata["build_options"]["skip_bad_clips"] is False
+    assert builder.info.metadata["build_options"]["jpeg_subsampling"] == "4:4:4"  # the default
     assert builder.info.file_format.value == "array_record"
 
 
@@ -348,8 +351,9 @@ def test_validation_split_max_frames_prefix_map_and_quality(tmp_path):
     assert all(clip.num_frames == 4 for clip in val)
     records = tfds.data_source("raer/64px", split="validation", data_dir=str(tmp_path / "a"))
     assert all(records[i]["num_frames"] == 4 for i in range(len(records)))
-    # the same seed picks the same clips; the quality option changes the bytes stored
-    b2 = build(manual, tmp_path / "b", jpeg_quality=40, **opts)
+    # the same seed picks the same clips; the JPEG options change the bytes stored
+    b2 = build(manual, tmp_path / "b", jpeg_quality=40, jpeg_subsampling="4:2:0", **opts)
+    assert b2.info.metadata["build_options"]["jpeg_subsampling"] == "4:2:0"
     assert set(clip_source(tmp_path / "b", "validation").video_ids) == val_ids
     s1, s2 = b.info.metadata["statistics"], b2.info.metadata["statistics"]
     assert s2["train"]["bytes_stored"] < 0.8 * s1["train"]["bytes_stored"]
@@ -699,6 +703,8 @@ def test_bad_options():
         Builder(config="64px", path_prefix_map=[("a",)])
     with pytest.raises(ValueError, match=r"image_format must be one of \('jpeg', 'png'\)"):
         Builder(config="64px", image_format="webp")
+    with pytest.raises(ValueError, match=r"jpeg_subsampling must be one of \('4:4:4', '4:2:0'\)"):
+        Builder(config="64px", jpeg_subsampling="4:1:1")
     with pytest.raises(ValueError, match="label set 'raer4': neither a built-in set"):
         Builder(config="64px", label_set="raer4")
 

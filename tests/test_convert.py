@@ -5,6 +5,10 @@ reference logits come from a PyTorch forward written here from REFERENCE.md's fa
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -300,6 +304,28 @@ def test_errors_name_key_and_shapes():
         convert.convert_state_dict(sd, cfg)
 
 
+def test_clip_heads_given_are_used_or_refused_never_ignored():
+    # The file's vision width is 128, the config's 64 (2 heads); its text width is the config's.
+    sd, _ = official_state_dict()
+    cfg = _model_cfg()
+    cfg.clip.vision_heads = 4
+    _, _, overrides = convert.convert_state_dict(sd, cfg)  # the config's heads were for 64
+    assert overrides["model.clip.vision_heads"] == 2  # OpenAI's rule 128 // 64
+    model, _, overrides = convert.convert_state_dict(sd, cfg, {"model.clip.vision_heads"})
+    assert overrides["model.clip.vision_heads"] == model.geometry.vision_heads == 4
+    cfg.clip.vision_heads = 3
+    with pytest.raises(
+        WeightsError,
+        match=r"config.model.clip.vision_heads=3 heads do not divide the checkpoint's vision "
+        r"width 128 \(config.model.clip.vision_width is 64\)",
+    ):
+        convert.convert_state_dict(sd, cfg, {"model.clip.vision_heads"})
+    cfg = _model_cfg()
+    cfg.clip.text_heads = 3  # the config's width is the file's: its heads apply, and must fit
+    with pytest.raises(WeightsError, match="text_heads=3 heads do not divide .* text width 64"):
+        convert.convert_state_dict(sd, cfg)
+
+
 # ---- the CLI: an orbax checkpoint that eval and train restore ------------------------------------
 
 
@@ -353,6 +379,33 @@ def test_cli_writes_a_checkpoint_that_restores(tmp_path):
     assert np.isfinite(logits).all()
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         convert.main_convert(path, synthetic_tiny.get_config(), tmp_path / "run")
+
+
+def test_cli_converts_with_the_heads_given_and_records_them(tmp_path):
+    # The issue's case: text heads given on the command line, the config file's width another.
+    config = synthetic_tiny.get_config()
+    config.model.clip.text_width = 128  # the file's; the config file has 64 (2 heads)
+    path, _ = _tiny_official(tmp_path, config)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "caer_jax.convert", f"--official={path}"),
+            *(f"--config={repo / 'configs/synthetic_tiny.py'}", f"--workdir={tmp_path / 'run'}"),
+            *("--config.model.clip.text_heads=4", "--compilation_cache="),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=str(repo)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for flag in ("--config.model.clip.text_width=128", "--config.model.clip.text_heads=4"):
+        assert flag in result.stdout  # what train and eval must be given
+    ckpts = checkpoint.Checkpoints(tmp_path / "run", read_only=True)
+    clip = ckpts.read_config(0)["model"]["clip"]
+    ckpts.close()
+    assert (clip["text_width"], clip["text_heads"]) == (128, 4)  # not OpenAI's 128 // 64
 
 
 def test_cli_refuses_prompts_that_train_would_not_rebuild(tmp_path):

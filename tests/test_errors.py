@@ -92,19 +92,6 @@ def test_foreign_and_missing_checkpoints_name_the_file(tmp_path):
     assert_user_error(result, f"{missing}: no such file")
 
 
-def test_eval_of_a_workdir_without_checkpoints(tmp_path):
-    result = python("caer_jax.eval", TINY, f"--workdir={tmp_path}", home=tmp_path)
-    assert_user_error(result, f"no checkpoints in {tmp_path / 'checkpoints'}", "train first")
-
-
-def test_mistyped_config_field_suggests_the_name(tmp_path):
-    result = python(
-        "caer_jax.train", TINY, f"--workdir={tmp_path}", "--config.train.batchsize=3", home=tmp_path
-    )
-    assert_user_error(result, "--config.train.batchsize", "did you mean --config.train.batch_size?")
-    assert not (tmp_path / "checkpoints").exists()
-
-
 def test_clip_source_of_random_bytes(tmp_path):
     weights = tmp_path / "ViT-B-32.pt"
     weights.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -173,18 +160,13 @@ def test_a_broken_config_file_is_named_with_its_line(tmp_path, body, line, kind)
 @pytest.mark.parametrize(
     "module, args, fragments",
     [
-        ("caer_jax.eval", [TINY, "--step=best", "--config.data.num_segmnets=4"], ["num_segments"]),
         ("caer_jax.eval", [TINY + ":nope"], ["unknown variant 'nope'"]),
-        ("caer_jax.predict", [TINY, "--workdir=w", "--json=maybe"], ["--json"]),
         ("caer_jax.predict", [TINY, "--workdir=w"], ["exactly one PATH"]),
-        ("caer_jax.convert", [TINY, "--workdir=w"], ["--official required"]),
-        ("caer_jax.bench", ["--repeats=many"], ["--repeats=many"]),
-        ("caer_jax.train", [TINY], ["--workdir required"]),
         ("caer_jax.data.synthetic", ["--out=x", "--clips=5"], ["--clips must be an integer >= 10"]),
-        ("caer_jax.data.synthetic", ["--clips=20"], ["required: --out"]),
     ],
 )
-def test_flag_mistakes_at_every_entry_point(tmp_path, module, args, fragments):
+def test_flag_mistakes(tmp_path, module, args, fragments):
+    # One mistake of every command: tests/test_entry_points.py.
     assert_user_error(python(module, *args, home=tmp_path), *fragments)
 
 

@@ -136,3 +136,11 @@ def test_bootstrap_refuses_bad_input():
         metrics.bootstrap_intervals(
             np.array([0]), np.array([0]), CLASS_NAMES, resamples=10, seed=0, confidence=95
         )
+
+
+def test_mean_and_sample_sd_of_seeds():
+    assert metrics.mean_and_sd([60, 70, 80]) == (70.0, 10.0)
+    assert metrics.mean_and_sd([93.26, 93.49, 92.09]) == pytest.approx((92.9467, 0.7507), abs=1e-4)
+    assert metrics.mean_and_sd([42.0]) == (42.0, None)
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.mean_and_sd([])

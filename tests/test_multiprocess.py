@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tiny_runs
 
-from caer_jax import evaluation, sharding, train
+from caer_jax import distributed, evaluation, sharding, train
 from caer_jax.data import feature_cache, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,9 +65,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_sh(root: Path, module: str, workdir: Path, *extra: str) -> None:
+def local_sh(root: Path, module: str, workdir: Path, *extra: str, env: dict | None = None) -> None:
     args = tiny_runs.flags(tiny_overrides(root))
-    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(root))
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(root), **(env or {}))
     result = subprocess.run(
         [
             str(REPO / "launch/local.sh"),
@@ -167,13 +167,16 @@ def test_mid_epoch_checkpoint_of_two_processes_resumes_in_one(
 
 def test_mid_epoch_checkpoint_of_two_processes_resumes_in_two(two_process_run, tmp_path):
     # Each process restores its own iterator position (the state it saved) and its shards.
+    # Process 1 reaches the first step 35 s after process 0, as a slower host might: gloo gives
+    # up connecting the processes after 30 s, so they wait for each other before the first step.
     _, root, workdir, _ = two_process_run
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir / "checkpoints", resumed / "checkpoints")
     shutil.rmtree(resumed / "checkpoints/4")
-    local_sh(root, "caer_jax.train", resumed)
+    local_sh(root, "caer_jax.train", resumed, env={distributed.LATE_ENV: "train:1:35"})
     logs = (root / "local-0.log").read_text()
     assert f"resumed from step 2 in {resumed / 'checkpoints'}" in logs
+    assert "train: process 1 arrives 35 s late" in (root / "local-1.log").read_text()
     assert saved_steps(resumed) == [2, 4]
     results = json.loads((resumed / "metrics.json").read_text())
     assert_same_results(results, resumed, workdir, "resumed in 2 processes vs 2 throughout")

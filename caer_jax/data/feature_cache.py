@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from caer_jax import errors
+from caer_jax import distributed, errors
 from caer_jax.data import augment, clips, pipeline
 from caer_jax.models import caer
 
@@ -287,11 +287,11 @@ def build(
         for chunk in todo:
             _build_chunk(config, source, encode, directory, chunk, key, bar)
         bar.close()
-    multihost_utils.sync_global_devices(f"feature_cache.build {split}")
+    distributed.barrier(f"feature_cache.build {split}")
     if process_index == 0:
         dim = model.geometry.embed_dim
         _write_json(info_path, {"key": key, "num_chunks": num_chunks, "feature_dim": dim})
-    multihost_utils.sync_global_devices(f"feature_cache.info {split}")
+    distributed.barrier(f"feature_cache.info {split}")
     return directory
 
 

@@ -73,6 +73,11 @@ class DevicePrefetch(grain.DatasetIterator):
         self._fill()  # the next transfers start before the caller dispatches its step
         return device_batch, extras
 
+    def peek(self) -> dict | None:
+        """The device batch that the next __next__ returns, left in place; None at the end."""
+        self._fill()
+        return self._buffer[0][0] if self._buffer else None
+
     def get_state(self) -> Any:
         return self._state
 

@@ -16,10 +16,9 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
-from jax.experimental import multihost_utils
 
 import tfds_raer  # noqa: F401  (registers the "raer" builder)
-from caer_jax import errors, label_sets
+from caer_jax import distributed, errors, label_sets
 from caer_jax.data import synthetic
 from tfds_raer.raer import frame_records
 
@@ -46,12 +45,6 @@ def _check_clip_count(found: int, config: ml_collections.ConfigDict, where: str)
         )
 
 
-def _annotated_clips(manual_dir: Path) -> int:
-    return sum(
-        len((manual_dir / name).read_text().splitlines()) for name in ("train.txt", "test.txt")
-    )
-
-
 def _check_classes(config: ml_collections.ConfigDict) -> None:
     builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
     label_set = label_sets.load(config.model.label_set)
@@ -72,8 +65,8 @@ def not_built_error(config: ml_collections.ConfigDict) -> errors.MissingInputErr
         if p.name != str(builder.version) and p.name.replace(".", "").isdigit()
     )
     older = (
-        f" (only version {', '.join(others)} is there, written by another builder version "
-        f"whose records this one cannot read)"
+        f" (only version {', '.join(others)} is there, written by another builder version: "
+        f"its records differ, see the release notes in tfds_raer/raer)"
         if others
         else ""
     )
@@ -133,4 +126,4 @@ def _build(config: ml_collections.ConfigDict) -> None:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
         )
-    multihost_utils.sync_global_devices("caer_jax.prepare_data")
+    distributed.barrier("prepare_data")

@@ -31,7 +31,6 @@ so the files are byte-identical whatever the number of worker processes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -686,12 +685,6 @@ def generate(
     }
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # argparse prints the usage and its own line; one `error:` line like every entry point.
-        raise SyntheticDataError(f"{message} (--help lists the arguments)")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The command line; a bad argument prints one `error:` line and exits with status 2."""
     with errors.reported():
@@ -699,9 +692,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(argv: Sequence[str] | None) -> dict[str, Any]:
-    p = _ArgumentParser(
-        prog="python -m caer_jax.data.synthetic", description=__doc__.split("\n")[0]
-    )
+    p = errors.ArgumentParser(prog="python -m caer_jax.data.synthetic", description=__doc__)
     p.add_argument("--out", required=True, help="output folder (the builder's manual_dir)")
     p.add_argument("--clips", type=int, required=True, help=f"number of clips (>= {MIN_CLIPS})")
     p.add_argument("--seed", type=int, default=0)

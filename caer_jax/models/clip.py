@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from caer_jax import errors
@@ -326,7 +325,3 @@ def dtype_from_name(name: str) -> Any:
         raise errors.BadInputError(
             f"config.model.dtype={name!r}; expected one of float32, bfloat16, float16"
         ) from None
-
-
-def num_params(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

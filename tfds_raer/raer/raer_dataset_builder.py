@@ -73,6 +73,7 @@ OPTION_FIELDS = (
     "max_frames",
     "image_format",
     "jpeg_quality",
+    "jpeg_subsampling",
     "label_set",
     "path_prefix_map",
     "num_workers",
@@ -92,8 +93,9 @@ class RaerConfig(tfds.core.BuilderConfig):
     train_file, test_file, face_boxes_file, body_boxes_file: file names inside manual_dir.
     num_workers: threads decoding and cropping clips (1 = in the writing thread; 0 = automatic:
       one per core, at most 8). The records do not depend on it.
-    image_format, jpeg_quality: how crops are stored, "jpeg" (at jpeg_quality) or "png"
-      (lossless). The default, JPEG 95, is chosen from the figures in README.md.
+    image_format, jpeg_quality, jpeg_subsampling: how crops are stored, "jpeg" (at jpeg_quality,
+      chroma "4:4:4" or "4:2:0") or "png" (lossless). The default, JPEG 95 with full-resolution
+      chroma (4:4:4), is chosen from the figures in README.md.
     label_set: the classes of the annotation files (caer_jax.label_sets): "raer5" or the path of a
       label set JSON file. Labels must lie in 1..n; the ClassLabel names are the set's.
     """
@@ -101,6 +103,7 @@ class RaerConfig(tfds.core.BuilderConfig):
     image_size: int = 224
     image_format: str = "jpeg"
     jpeg_quality: int = 95
+    jpeg_subsampling: str = "4:4:4"
     label_set: str = label_sets.RAER5.name
     skip_bad_clips: bool = False
     validation_fraction: float = 0.0
@@ -128,7 +131,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for RAER (manual download)."""
 
     name = "raer"
-    VERSION = tfds.core.Version("3.0.0")
+    VERSION = tfds.core.Version("3.1.0")
     RELEASE_NOTES = {
         "1.0.0": "Face and context crops per frame, JPEG, ArrayRecord by default.",
         "2.0.0": "Face crops at their source size (the pipeline rotates, then resizes, as the "
@@ -138,6 +141,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "3.0.0": "One record per frame, the frames of a clip consecutive and in order, and a "
         "table of the clips in the metadata: a reader reads the frames it samples, not the "
         "whole clip (tfds_raer/raer/frame_records.py).",
+        "3.1.0": "JPEG crops keep full-resolution chroma (4:4:4; was Pillow's 4:2:0): a third "
+        "less error on the context crops of photographs, 3x less on colourful detail, for a "
+        "quarter to a third more bytes (jpeg_subsampling; README.md, Storage).",
     }
 
     BUILDER_CONFIGS = [
@@ -315,6 +321,10 @@ def _check_options(o: RaerConfig) -> None:
         bad(f"image_format must be one of {raer_lib.IMAGE_FORMATS}, got {o.image_format!r}")
     if not 1 <= o.jpeg_quality <= 100:
         bad(f"jpeg_quality must be in 1..100, got {o.jpeg_quality}")
+    if o.jpeg_subsampling not in raer_lib.JPEG_SUBSAMPLINGS:
+        bad(
+            f"jpeg_subsampling must be one of {raer_lib.JPEG_SUBSAMPLINGS}, got {o.jpeg_subsampling!r}"
+        )
     if not 0.0 <= o.validation_fraction < 1.0:
         bad(f"validation_fraction must be in [0, 1), got {o.validation_fraction}")
     if o.max_frames < 0:
@@ -351,7 +361,9 @@ def _encode_in_order(
     submitted ahead of the one being written, so memory stays bounded; a consumer that stops
     early cancels the frames not yet started.
     """
-    storage = raer_lib.Storage(opts.image_size, opts.image_format, opts.jpeg_quality)
+    storage = raer_lib.Storage(
+        opts.image_size, opts.image_format, opts.jpeg_quality, opts.jpeg_subsampling
+    )
     start = functools.partial(raer_lib.start_clip, storage=storage, max_frames=opts.max_frames)
     if num_workers <= 1:
         for clip in clips:
