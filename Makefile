@@ -16,7 +16,7 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-test: $(VENV)/.setup
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[build,torch,test]"
+	$(PY) -m pip install -q -e ".[build,torch,test,tpu]"
 	touch $@
 
 setup: $(VENV)/.setup
