@@ -46,7 +46,7 @@ import ml_collections  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from caer_jax import cli, errors, sharding, train  # noqa: E402
+from caer_jax import cli, errors, optim, sharding, train  # noqa: E402
 from caer_jax.data import feature_cache, pipeline  # noqa: E402
 from caer_jax.models import caer  # noqa: E402
 
@@ -62,6 +62,9 @@ _PROGRAMS = flags.DEFINE_multi_enum(
     "programs", ["train", "eval"], ["train", "eval"], "The training loop's programs to compile."
 )
 _OUT = flags.DEFINE_string("out", "", "JSON file for the plan; empty: printed only.")
+_HLO_DIR = flags.DEFINE_string(
+    "hlo_dir", "", "Folder for each compiled program's optimized HLO (PROGRAM_BATCH.hlo.txt)."
+)
 _FAIL_IF_NOT_FITS = flags.DEFINE_bool(
     "fail_if_not_fits",
     False,
@@ -199,9 +202,11 @@ def abstract_batch(config: ml_collections.ConfigDict, model, batch_size: int, me
 
 
 def per_device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (logical, no padding)."""
+    """Bytes one device holds of a tree of ShapeDtypeStructs, sharded or whole (logical sizes:
+    without the padding of the TPU's tiled layouts)."""
     return sum(
-        math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        math.prod(leaf.sharding.shard_shape(leaf.shape) if leaf.sharding else leaf.shape)
+        * leaf.dtype.itemsize
         for leaf in jax.tree.leaves(tree)
     )
 
@@ -320,8 +325,11 @@ def refusal_bytes(message: str) -> tuple[int, int] | None:
     return None
 
 
-def plan_program(name: str, jitted, args: tuple, *, chip: Chip, batch_size: int, chips: int):
-    """The row of one program: compiled for the topology, or refused by the compiler."""
+def plan_program(
+    name: str, jitted, args: tuple, *, chip: Chip, batch_size: int, chips: int, hlo_dir: str = ""
+):
+    """The row of one program: compiled for the topology, or refused by the compiler. With
+    `hlo_dir`, the compiled program's text (layouts, collectives) is written there."""
     row: dict[str, Any] = {"program": name, "batch": batch_size}
     start = time.time()
     try:
@@ -353,7 +361,11 @@ def plan_program(name: str, jitted, args: tuple, *, chip: Chip, batch_size: int,
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0))
     accessed = float(cost.get("bytes accessed", 0.0))
-    found = collectives(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_dir:
+        Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+        (Path(hlo_dir) / f"{name}_{batch_size}.hlo.txt").write_text(text)
+    found = collectives(text)
     ici_bytes = sum(v["bytes"] for v in found.values())
     bounds = {
         "compute_s": flops / chip.peak_flops,
@@ -400,6 +412,7 @@ def make_plan(
     topology: str,
     batches: Sequence[int],
     programs: Sequence[str] = ("train", "eval"),
+    hlo_dir: str = "",
 ) -> dict:
     """The plan of `config` on `topology` for each global batch (see the module docstring)."""
     chip, name = resolve_topology(topology)
@@ -426,8 +439,10 @@ def make_plan(
         "dtype": config.model.dtype,
         "remat": config.model.remat,
         "grad_accum_steps": config.train.grad_accum_steps,
+        "state_bytes": per_device_bytes(setup.abstract),  # unsharded: the whole state
         "state_bytes_per_chip": per_device_bytes(state),
         "params_bytes_per_chip": per_device_bytes(state.params),
+        "trainable_params_bytes_per_chip": per_device_bytes(_trainable(state.params, config)),
         "versions": {"jax": jax.__version__, "libtpu": _libtpu_version()},
         "note": "predicted_* and roofline figures are predictions from a lower bound, not "
         "measurements",
@@ -435,7 +450,7 @@ def make_plan(
     }
     for batch_size in batches:
         batch = abstract_batch(config, model, batch_size, mesh)
-        common = {"chip": chip, "batch_size": batch_size, "chips": len(devices)}
+        common = {"chip": chip, "batch_size": batch_size, "chips": len(devices), "hlo_dir": hlo_dir}
         compiled = {
             "train": (setup.step_fn, (state, batch, setup.dropout_rng)),
             "eval": (setup.eval_fn, (state.params, batch)),
@@ -447,6 +462,16 @@ def make_plan(
             row["batch_bytes_per_chip"] = per_device_bytes(batch)
             plan["rows"].append(row)
     return plan
+
+
+def _trainable(params: Any, config: ml_collections.ConfigDict) -> list:
+    """The parameters that get gradients (not in optim's frozen group)."""
+    groups = optim.param_groups(params, freeze_image_encoder=config.model.freeze_image_encoder)
+    return [
+        p
+        for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(groups), strict=True)
+        if g != optim.FROZEN
+    ]
 
 
 def _libtpu_version() -> str | None:
@@ -512,7 +537,7 @@ def run(argv=()) -> None:
         batches = [int(b) for b in _BATCHES.value] or [config.train.batch_size]
     except ValueError as e:
         raise errors.BadInputError(f"--batches={','.join(_BATCHES.value)}: {e}") from e
-    plan = make_plan(config, _TOPOLOGY.value, batches, _PROGRAMS.value)
+    plan = make_plan(config, _TOPOLOGY.value, batches, _PROGRAMS.value, _HLO_DIR.value)
     plan["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     print(table(plan))
     if _OUT.value:
