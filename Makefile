@@ -16,7 +16,7 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-test: $(VENV)/.setup
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[build,torch,test]"
+	$(PY) -m pip install -q -e ".[build,torch,test,tpu]"
 	touch $@
 
 setup: $(VENV)/.setup
@@ -27,6 +27,9 @@ setup-test: $(VENV)/.setup-test
 # SEEDS=42,43,44` trains three seeds of each (about three times as long) and the report prints
 # their mean +- standard deviation.
 SEEDS ?= 42
+# The CPU runs keep jax off libtpu (installed by setup-test for caer_jax.plan), which would
+# otherwise be loaded to look for a TPU and print its warnings about finding none.
+demo bench: export JAX_PLATFORMS ?= cpu
 demo: setup
 	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py
 	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny_face launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py:face

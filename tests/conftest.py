@@ -1,5 +1,11 @@
 """Test session setup: caches in a directory of the session, 8 fake CPU devices (set before jax
-is imported anywhere) and fp32 matmuls."""
+is imported anywhere) and fp32 matmuls.
+
+JAX_PLATFORMS=cpu (inherited by the tests' subprocesses): with libtpu installed (the `tpu` extra,
+for caer_jax.plan) jax would otherwise load libtpu in every process to look for a TPU, print its
+warnings about the missing TPU and take /tmp/libtpu_lockfile, which parallel workers contend for.
+The plan tests still reach the TPU compiler: a compile-only topology does not need that runtime.
+"""
 
 import os
 import shutil
@@ -12,6 +18,8 @@ import tempfile
 CACHE_HOME = tempfile.mkdtemp(prefix="caer_jax-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = CACHE_HOME
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

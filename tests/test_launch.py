@@ -70,18 +70,62 @@ def test_slurm_dry_run_uses_srun_with_auto_detection():
     assert "-m caer_jax.train --config=configs/clip_caer_b32.py --workdir=w" in out.stdout
 
 
-def test_tpu_pod_dry_run_creates_installs_and_trains_on_all_workers():
+def test_tpu_pod_dry_run_plans_creates_installs_and_trains_on_all_workers():
     out = _run(
-        LAUNCH / "tpu_pod.sh", "--dry-run", "pod", "zone-a", "v4-32", "--", "--workdir=gs://b/r"
+        LAUNCH / "tpu_pod.sh",
+        "--dry-run",
+        "pod",
+        "zone-a",
+        "v4-32",
+        "--",
+        "--config=configs/clip_caer_b32.py",
+        "--workdir=gs://b/r",
+        "--config.train.batch_size=64",
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith(
+    # The plan compiles the config with its overrides, not the other training flags.
+    assert lines[0].endswith(
+        "-m caer_jax.plan --topology=v4-32 --programs=train --fail_if_not_fits "
+        "--config=configs/clip_caer_b32.py --config.train.batch_size=64"
+    )
+    assert lines[1].startswith(
         "gcloud compute tpus tpu-vm create pod --zone=zone-a --accelerator-type=v4-32"
     )
-    assert all("--worker=all" in line for line in lines[1:])
-    assert "pip install" in lines[1]
-    assert "CAER_DISTRIBUTED=auto" in lines[2] and "caer_jax.train --workdir=gs://b/r" in lines[2]
+    assert all("--worker=all" in line for line in lines[2:])
+    assert "pip install" in lines[2]
+    assert "CAER_DISTRIBUTED=auto" in lines[3]
+    assert "caer_jax.train --config=configs/clip_caer_b32.py --workdir=gs://b/r" in lines[3]
+
+
+def test_tpu_pod_no_plan_skips_the_plan():
+    out = _run(LAUNCH / "tpu_pod.sh", "--no-plan", "--dry-run", "pod", "zone-a", "v4-8", "--")
+    assert out.returncode == 0, out.stderr
+    assert "caer_jax.plan" not in out.stdout
+    assert out.stdout.startswith("gcloud compute tpus tpu-vm create pod")
+
+
+def test_tpu_pod_stops_before_any_pod_when_the_step_does_not_fit(tmp_path):
+    # Stand-ins: an interpreter whose plan refuses as caer_jax.plan does (its figures, one error
+    # line, status 2; tests/test_plan.py runs the real refusal), and a gcloud that records calls.
+    fake_python = tmp_path / "python"
+    fake_python.write_text(
+        '#!/usr/bin/env bash\necho "plan $*"\necho "| train | 64 | no: needs 40.0 of 16.9 GB |"\n'
+        'echo "error: the train step of batch 64 needs 40.0 GB per chip" >&2\nexit 2\n'
+    )
+    gcloud = tmp_path / "bin" / "gcloud"
+    gcloud.parent.mkdir()
+    gcloud.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/gcloud_calls\n')
+    for script in (fake_python, gcloud):
+        script.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_python), PATH=f"{gcloud.parent}:{os.environ['PATH']}")
+    out = _run(
+        LAUNCH / "tpu_pod.sh", "pod", "zone-a", "v5litepod-16", "--", "--config=c.py", env=env
+    )
+    assert out.returncode == 2
+    assert "plan -m caer_jax.plan --topology=v5litepod-16" in out.stdout
+    assert "no: needs 40.0 of 16.9 GB" in out.stdout and "error: the train step" in out.stderr
+    assert not (tmp_path / "gcloud_calls").exists()
 
 
 def test_tpu_pod_refuses_missing_separator():

@@ -1,0 +1,568 @@
+"""A TPU slice planned before anyone pays for it: `python -m caer_jax.plan`.
+
+    python -m caer_jax.plan --config=configs/clip_caer_b32.py --topology=v5e-16 \
+        --batches=8,64 --out=plan.json
+
+Compiles, ahead of time and with no TPU attached, the training loop's own programs
+(`train.TrainingSetup`: the train step and the eval step, on the config's data x fsdp mesh, dtype,
+remat and gradient accumulation) for every chip of a TPU topology, with the TPU compiler of the
+installed libtpu (`pip install -e '.[tpu]'`). Per global batch and program it reports, per chip:
+the memory the compiler allots (state, batch, outputs, temporaries, code) against the chip's HBM,
+FLOPs and bytes accessed, every collective by kind (count and bytes) and a roofline lower bound
+of the step time from the chip's published figures (CHIPS), with the clips/s that bound
+predicts. A program the compiler refuses as too large for HBM is a "does not fit" row with the
+compiler's needed and available bytes.
+
+--topology takes libtpu's names (v5e:2x2, v4:2x2x2, v6e:4x4) or Cloud TPU accelerator types
+(v4-8, v5litepod-16, v5p-32, v6e-16). Multi-host slices compile from this one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by libtpu when it loads (at the first topology), so set before anything imports jax. This
+# process plans and never runs on a TPU: no query of the Cloud metadata server (169.254.169.254)
+# for the host's TPU type (jax sets this only where it finds no TPU chip; a TPU VM that plans
+# must not ask either), and the CPU as jax's default backend for the little it computes (keys),
+# so that no TPU runtime starts.
+# libtpu also takes /tmp/libtpu_lockfile, which guards a TPU against two processes; compiling
+# touches no TPU, so plans may run side by side (and beside a training on this host's TPU).
+os.environ["TPU_SKIP_MDS_QUERY"] = "1"
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from caer_jax import cli, errors, optim, sharding, train  # noqa: E402
+from caer_jax.data import feature_cache, pipeline  # noqa: E402
+from caer_jax.models import caer  # noqa: E402
+
+# --config is the training command's own flag (caer_jax.train defines it on import).
+_CONFIG = flags.FLAGS["config"]
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU topology (v5e:2x2, v4:2x2x2) or accelerator type (v4-8, v5litepod-16)."
+)
+_BATCHES = flags.DEFINE_list(
+    "batches", [], "Global batches (clips per step) to plan; empty: config.train.batch_size."
+)
+_PROGRAMS = flags.DEFINE_multi_enum(
+    "programs", ["train", "eval"], ["train", "eval"], "The training loop's programs to compile."
+)
+_OUT = flags.DEFINE_string("out", "", "JSON file for the plan; empty: printed only.")
+_HLO_DIR = flags.DEFINE_string(
+    "hlo_dir", "", "Folder for each compiled program's optimized HLO (PROGRAM_BATCH.hlo.txt)."
+)
+_FAIL_IF_NOT_FITS = flags.DEFINE_bool(
+    "fail_if_not_fits",
+    False,
+    "Exit with status 2 (after the table and JSON) when a train step does not fit a chip's HBM.",
+)
+
+# The LR schedule's length does not change any program's shapes.
+_STEPS_PER_EPOCH = 100
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU chip's published figures. Bandwidths in bytes/s; `ici_bytes_per_s` is the
+    bidirectional inter-chip interconnect bandwidth of a chip (all its links together)."""
+
+    name: str
+    hbm_bytes: int
+    peak_flops: float  # bf16 dense: TPUs run float32 matmuls through the bf16 MXU by default
+    hbm_bytes_per_s: float
+    ici_bytes_per_s: float
+    megacore: bool  # two TensorCores driven as one device (libtpu's "megacore" chip config)
+    source: str
+
+
+GiB = 2**30
+CHIPS = {
+    # https://cloud.google.com/tpu/docs/v4 ("275 teraflops (bf16 or int8)", "32 GiB, 1200 GBps").
+    # That page gives no ICI figure per chip; Google's "How to Scale Your Model" (TPU chapter,
+    # jax-ml.github.io/scaling-book/tpus) gives v4 6 links of 4.5e10 B/s each way.
+    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 6 * 2 * 45e9, True, "cloud.google.com/tpu/docs/v4"),
+    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GiB HBM at 819 GBps,
+    # bidirectional ICI 400 GBps per chip.
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 400e9, False, "cloud.google.com/tpu/docs/v5e"),
+    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GiB HBM at 2765 GBps,
+    # bidirectional ICI 1200 GBps per chip.
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 1200e9, True, "cloud.google.com/tpu/docs/v5p"),
+    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GB HBM at 1638 GBps,
+    # bidirectional ICI 800 GBps per chip.
+    "v6e": Chip("v6e", 32 * 10**9, 918e12, 1638e9, 800e9, False, "cloud.google.com/tpu/docs/v6e"),
+}
+# Accelerator-type prefixes (gcloud --accelerator-type) -> chip, and whether the type counts
+# TensorCores (two per v4 / v5p chip) rather than chips.
+_ACCELERATOR_PREFIXES = {
+    "v4": ("v4", True),
+    "v5p": ("v5p", True),
+    "v5litepod": ("v5e", False),
+    "v5e": ("v5e", False),
+    "v6e": ("v6e", False),
+}
+# Slice shapes by chip count, as Cloud TPU builds them (2D torus for v5e / v6e, 3D for v4 / v5p).
+_SHAPES_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
+_SHAPES_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+}
+
+
+def resolve_topology(name: str) -> tuple[Chip, str]:
+    """(chip, libtpu topology name) of a topology name (v5e:2x2) or accelerator type (v5e-4)."""
+    if ":" in name:
+        family, shape = name.split(":", 1)
+        family = "v5p" if family == "v5" else family
+        if family not in CHIPS or not re.fullmatch(r"\d+(x\d+)+", shape):
+            raise errors.BadInputError(
+                f"--topology={name}: expected CHIP:SHAPE with CHIP one of {', '.join(CHIPS)} "
+                f"(e.g. v5e:2x2, v4:2x2x2) or an accelerator type (e.g. v4-8, v5litepod-16)"
+            )
+        return CHIPS[family], f"{family}:{shape}"
+    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
+    if not match or match.group(1) not in _ACCELERATOR_PREFIXES:
+        raise errors.BadInputError(
+            f"--topology={name}: not a topology (e.g. v5e:2x2) or accelerator type of "
+            f"{', '.join(p + '-N' for p in _ACCELERATOR_PREFIXES)}"
+        )
+    family, counts_cores = _ACCELERATOR_PREFIXES[match.group(1)]
+    chip = CHIPS[family]
+    chips = int(match.group(2)) // (2 if counts_cores else 1)
+    shapes = _SHAPES_3D if family in ("v4", "v5p") else _SHAPES_2D
+    if chips not in shapes:
+        sizes = ", ".join(f"{match.group(1)}-{n * (2 if counts_cores else 1)}" for n in shapes)
+        raise errors.BadInputError(f"--topology={name}: no slice of that size; known: {sizes}")
+    return chip, f"{family}:{shapes[chips]}"
+
+
+def topology_devices(chip: Chip, topology: str) -> list:
+    """The compile-only devices of `topology` (one per chip), from libtpu."""
+    from jax.experimental import topologies
+
+    options = {"chip_config_name": "megacore"} if chip.megacore else {}
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu", **options).devices)
+    except RuntimeError as e:  # jax's "JAX TPU support not installed", or libtpu's refusal
+        if "not installed" in str(e):
+            raise errors.MissingInputError(
+                "libtpu is not installed: caer_jax.plan compiles with the TPU compiler of "
+                "libtpu; pip install -e '.[tpu]'"
+            ) from e
+        raise errors.BadInputError(
+            f"--topology={topology}: the installed libtpu does not know it ({errors.one_line(e)})"
+        ) from e
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def abstract_batch(config: ml_collections.ConfigDict, model, batch_size: int, mesh) -> dict:
+    """ShapeDtypeStructs of a global batch as the input pipeline makes it (uint8 pixels, or the
+    feature cache's features), split over the mesh as the loop's DevicePrefetch puts it."""
+    if config.data.feature_cache.enabled:
+        record = feature_cache.FeatureLoader(config, model.geometry.embed_dim).padding()
+    else:
+        record = pipeline.ClipLoader.from_config(config).padding()
+    split = sharding.batch_sharding(mesh)
+    return {
+        k: jax.ShapeDtypeStruct((batch_size, *v.shape), v.dtype, sharding=split)
+        for k, v in record.items()
+    }
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs, sharded or whole (logical sizes:
+    without the padding of the TPU's tiled layouts)."""
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape) if leaf.sharding else leaf.shape)
+        * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(tree)
+    )
+
+
+# ----------------------------------------------------------------------------- HLO collectives
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4}
+_ITEMSIZE.update({"u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8})
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_OP = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\("
+)
+# A computation's header starts its line (instructions are indented) and opens its body.
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _array_bytes(shape_text: str) -> int:
+    """Bytes of the arrays in a shape (a tuple's summed), as logical elements times itemsize."""
+    return sum(
+        _ITEMSIZE.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+        for dtype, dims in _ARRAY.findall(shape_text)
+    )
+
+
+def _tuple_elements(shape_text: str) -> list[str]:
+    """The top-level elements of a tuple shape "(a, (b, c), d)"; [shape] for an array."""
+    shape_text = shape_text.strip()
+    if not shape_text.startswith("("):
+        return [shape_text]
+    elements, depth, start = [], 0, 1
+    for i, char in enumerate(shape_text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        if (char == "," and depth == 1) or depth == 0:
+            elements.append(shape_text[start:i])
+            start = i + 1
+        if depth == 0:
+            break
+    return elements
+
+
+def collectives(hlo_text: str) -> dict:
+    """{kind: {"count", "bytes"}} of the collectives one device runs per call of the compiled
+    program `hlo_text` (its as_text()).
+
+    Bytes are those of each op's result (the gathered array of an all-gather, the shard of a
+    reduce-scatter); the result of an asynchronous *-start op (but all-reduce-start) is the
+    tuple (operands, results, contexts...), of which the results count. Ops inside a while loop (gradient accumulation's scan) count
+    once per iteration where the compiler recorded the trip count.
+    """
+    ops: dict[str, list[tuple[str, int]]] = {}  # computation -> [(kind, bytes)]
+    loops: dict[str, list[tuple[str, int]]] = {}  # computation -> [(body, trips)]
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = header.group(1)
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        loop = _WHILE.search(line)
+        if loop and current:
+            trips = _TRIP_COUNT.search(line)
+            loops.setdefault(current, []).append(
+                (loop.group(1), int(trips.group(1)) if trips else 1)
+            )
+        op = _OP.match(line)
+        if op and current:
+            shape, kind = op.group(1), op.group(2)
+            if op.group(3) and kind != "all-reduce":  # (operands, results, contexts...)
+                shape = _tuple_elements(shape)[1]
+            ops.setdefault(current, []).append((kind, _array_bytes(shape)))
+    totals = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+
+    def visit(computation: str, times: int) -> None:
+        for kind, size in ops.get(computation, []):
+            totals[kind]["count"] += times
+            totals[kind]["bytes"] += times * size
+        for body, trips in loops.get(computation, []):
+            visit(body, times * trips)
+
+    if entry:
+        visit(entry, 1)
+    return {kind: value for kind, value in totals.items() if value["count"]}
+
+
+# ----------------------------------------------------------------------------- one program
+
+# The TPU compiler's two refusals for memory (sizes as XLA prints them: 1024-based units):
+#   "Ran out of memory in memory space hbm. Used 20.5G of 15.75G hbm. ..."
+#   "Ran out of memory on HBM, the total memory required for HLO temporaries (36.77G) exceeds
+#    available HBM (15.75G)."
+_SIZE = r"([\d.]+)([KMGT]?)"
+_TOO_LARGE = (
+    re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.IGNORECASE),
+    re.compile(rf"required for [\w ]+\({_SIZE}\) exceeds available HBM \({_SIZE}\)"),
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def refusal_bytes(message: str) -> tuple[int, int] | None:
+    """(needed, available) bytes per chip of a TPU compiler's refusal for memory, else None."""
+    for pattern in _TOO_LARGE:
+        match = pattern.search(message)
+        if match:
+            used, used_unit, limit, limit_unit = match.groups()
+            return (
+                round(float(used) * _UNITS[used_unit.upper()]),
+                round(float(limit) * _UNITS[limit_unit.upper()]),
+            )
+    return None
+
+
+def plan_program(
+    name: str, jitted, args: tuple, *, chip: Chip, batch_size: int, chips: int, hlo_dir: str = ""
+):
+    """The row of one program: compiled for the topology, or refused by the compiler. With
+    `hlo_dir`, the compiled program's text (layouts, collectives) is written there."""
+    row: dict[str, Any] = {"program": name, "batch": batch_size}
+    start = time.time()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as e:  # XlaRuntimeError; only a refusal for memory is a row
+        refused = refusal_bytes(str(e))
+        if refused is None:
+            raise
+        row.update(
+            fits=False,
+            compile_s=time.time() - start,
+            needed_bytes=refused[0],
+            available_bytes=refused[1],
+            compiler_message=errors.one_line(str(e))[:400],
+        )
+        return row
+    row["compile_s"] = time.time() - start
+    m = compiled.memory_analysis()
+    memory = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "code": m.generated_code_size_in_bytes,
+    }
+    # Donated inputs share their buffers with the outputs they alias.
+    memory["total"] = sum(memory.values()) - 2 * memory["aliased"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0))
+    accessed = float(cost.get("bytes accessed", 0.0))
+    text = compiled.as_text()
+    if hlo_dir:
+        Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+        (Path(hlo_dir) / f"{name}_{batch_size}.hlo.txt").write_text(text)
+    found = collectives(text)
+    ici_bytes = sum(v["bytes"] for v in found.values())
+    bounds = {
+        "compute_s": flops / chip.peak_flops,
+        "hbm_s": accessed / chip.hbm_bytes_per_s,
+        "ici_s": ici_bytes / chip.ici_bytes_per_s,
+    }
+    step_s = max(bounds.values())
+    estimate = float(cost.get("optimal_seconds", -1.0))
+    row.update(
+        fits=memory["total"] <= chip.hbm_bytes,
+        memory=memory,
+        hbm_bytes=chip.hbm_bytes,
+        flops=flops,
+        bytes_accessed=accessed,
+        collectives=found,
+        roofline={**bounds, "step_s": step_s, "bound": max(bounds, key=bounds.get)[:-2]},
+        compiler_estimate_s=estimate if estimate > 0 else None,
+        predicted_clips_per_s_per_chip=batch_size / step_s / chips if step_s else None,
+        predicted_clips_per_s_slice=batch_size / step_s if step_s else None,
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def check_batches(batches: Sequence[int], config, chips: int) -> None:
+    accum = config.train.grad_accum_steps
+    for b in batches:
+        if b <= 0 or b % chips or b % accum or (b // accum) % chips:
+            raise errors.BadInputError(
+                f"--batches: {b} clips do not split over {chips} chips"
+                + (
+                    f" in {accum} micro-batches (config.train.grad_accum_steps)"
+                    if accum > 1
+                    else ""
+                )
+                + f"; give multiples of {chips * accum}"
+            )
+
+
+def make_plan(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    batches: Sequence[int],
+    programs: Sequence[str] = ("train", "eval"),
+    hlo_dir: str = "",
+) -> dict:
+    """The plan of `config` on `topology` for each global batch (see the module docstring)."""
+    chip, name = resolve_topology(topology)
+    devices = topology_devices(chip, name)
+    check_batches(batches, config, len(devices))
+    config = ml_collections.ConfigDict(config.to_dict())
+    # The program does not depend on the weights' values; random ones need no download.
+    config.model.clip.source = "random"
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    setup = train.TrainingSetup.create(config, model, mesh, _STEPS_PER_EPOCH)
+    state = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        setup.abstract,
+        setup.state_shardings,
+    )
+    plan = {
+        "config": None,
+        "topology": name,
+        "chip": dataclasses.asdict(chip),
+        "chips": len(devices),
+        "hosts": len({d.process_index for d in devices}),
+        "mesh": dict(mesh.shape),
+        "dtype": config.model.dtype,
+        "remat": config.model.remat,
+        "grad_accum_steps": config.train.grad_accum_steps,
+        "state_bytes": per_device_bytes(setup.abstract),  # unsharded: the whole state
+        "state_bytes_per_chip": per_device_bytes(state),
+        "params_bytes_per_chip": per_device_bytes(state.params),
+        "trainable_params_bytes_per_chip": per_device_bytes(_trainable(state.params, config)),
+        "versions": {"jax": jax.__version__, "libtpu": _libtpu_version()},
+        "note": "predicted_* and roofline figures are predictions from a lower bound, not "
+        "measurements",
+        "rows": [],
+    }
+    for batch_size in batches:
+        batch = abstract_batch(config, model, batch_size, mesh)
+        common = {"chip": chip, "batch_size": batch_size, "chips": len(devices), "hlo_dir": hlo_dir}
+        compiled = {
+            "train": (setup.step_fn, (state, batch, setup.dropout_rng)),
+            "eval": (setup.eval_fn, (state.params, batch)),
+        }
+        for name_ in programs:
+            jitted, args = compiled[name_]
+            logging.info("compiling the %s step for batch %d on %s", name_, batch_size, name)
+            row = plan_program(name_, jitted, args, **common)
+            row["batch_bytes_per_chip"] = per_device_bytes(batch)
+            plan["rows"].append(row)
+    return plan
+
+
+def _trainable(params: Any, config: ml_collections.ConfigDict) -> list:
+    """The parameters that get gradients (not in optim's frozen group)."""
+    groups = optim.param_groups(params, freeze_image_encoder=config.model.freeze_image_encoder)
+    return [
+        p
+        for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(groups), strict=True)
+        if g != optim.FROZEN
+    ]
+
+
+def _libtpu_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f}"
+
+
+def table(plan: dict) -> str:
+    """The plan as a Markdown table (one row per program and batch; figures per chip)."""
+    head = (
+        f"{plan['topology']}: {plan['chips']} chips, {plan['hosts']} host(s), mesh "
+        f"data={plan['mesh']['data']} x fsdp={plan['mesh']['fsdp']}, {plan['dtype']}, remat "
+        f"{plan['remat']}, grad_accum {plan['grad_accum_steps']}; HBM "
+        f"{_gb(plan['chip']['hbm_bytes'])} GB per chip; clips/s are predictions (roofline)"
+    )
+    lines = [
+        head,
+        "",
+        "| program | batch | fits | GB per chip: args / out / temp / total | TFLOP per chip "
+        "| collectives (count, MB) | bound: compute / HBM / ICI ms | compiler ms "
+        "| clips/s per chip | clips/s slice | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in plan["rows"]:
+        if not r["fits"] and "memory" not in r:
+            lines.append(
+                f"| {r['program']} | {r['batch']} | no: needs {_gb(r['needed_bytes'])} of "
+                f"{_gb(r['available_bytes'])} GB | | | | | | | | {r['compile_s']:.0f} |"
+            )
+            continue
+        m, b = r["memory"], r["roofline"]
+        found = ", ".join(
+            f"{k} {v['count']}, {v['bytes'] / 1e6:.1f}" for k, v in r["collectives"].items()
+        )
+        estimate = r["compiler_estimate_s"]
+        lines.append(
+            f"| {r['program']} | {r['batch']} | {'yes' if r['fits'] else 'no'} "
+            f"| {_gb(m['arguments'])} / {_gb(m['outputs'])} / {_gb(m['temporaries'])} / "
+            f"{_gb(m['total'])} | {r['flops'] / 1e12:.3f} | {found or 'none'} "
+            f"| {b['compute_s'] * 1e3:.2f} / {b['hbm_s'] * 1e3:.2f} / {b['ici_s'] * 1e3:.2f} "
+            f"| {'-' if estimate is None else f'{estimate * 1e3:.2f}'} "
+            f"| {r['predicted_clips_per_s_per_chip']:.0f} | {r['predicted_clips_per_s_slice']:.0f} "
+            f"| {r['compile_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(argv=()) -> None:
+    cli.start(argv, config=_CONFIG.value, topology=_TOPOLOGY.value)
+    config = _CONFIG.value
+    try:
+        batches = [int(b) for b in _BATCHES.value] or [config.train.batch_size]
+    except ValueError as e:
+        raise errors.BadInputError(f"--batches={','.join(_BATCHES.value)}: {e}") from e
+    plan = make_plan(config, _TOPOLOGY.value, batches, _PROGRAMS.value, _HLO_DIR.value)
+    plan["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(table(plan))
+    if _OUT.value:
+        Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
+        Path(_OUT.value).write_text(json.dumps(plan, indent=2) + "\n")
+        print(f"wrote {_OUT.value}")
+    too_large = [r for r in plan["rows"] if r["program"] == "train" and not r["fits"]]
+    if _FAIL_IF_NOT_FITS.value and too_large:
+        raise errors.BadInputError(
+            f"{plan['config']} on {plan['topology']}: "
+            + "; ".join(f"the train step of batch {r['batch']} {_shortfall(r)}" for r in too_large)
+        )
+
+
+def _shortfall(row: dict) -> str:
+    if "needed_bytes" in row:  # refused by the compiler
+        needed, available = row["needed_bytes"], row["available_bytes"]
+    else:
+        needed, available = row["memory"]["total"], row["hbm_bytes"]
+    return f"needs {_gb(needed)} GB per chip, {_gb(available)} GB available"
+
+
+def main() -> None:
+    cli.main(run)
+
+
+if __name__ == "__main__":
+    main()
