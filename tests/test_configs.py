@@ -93,13 +93,32 @@ def test_paper_setting():
         clip_caer_b32.get_config("bogus")
 
 
+def test_embedded_default_is_the_papers_recipe_on_the_pretrained_folder():
+    """configs/synthetic_tiny.py departs from the paper's optimizer, pixels and init only in
+    `:scratch`; the default differs in epochs alone, milestones scaled with them."""
+    from configs import clip_caer_b32, synthetic_tiny
+
+    paper, tiny = clip_caer_b32.get_config(), synthetic_tiny.get_config()
+    assert tiny.model.clip.source == synthetic_tiny.PRETRAINED
+    for field in ("name", "momentum", "weight_decay", "gamma", "warmup_epochs"):
+        assert tiny.optim[field] == paper.optim[field], field
+    assert dict(tiny.optim.lr) == dict(paper.optim.lr)
+    scale = tiny.train.num_epochs / paper.train.num_epochs
+    assert tuple(tiny.optim.milestones) == tuple(round(m * scale) for m in paper.optim.milestones)
+    assert tiny.model.pixel_normalization == paper.model.pixel_normalization == "none"
+    assert tiny.model.temporal.init_std == paper.model.temporal.init_std == 1.0
+    scratch = synthetic_tiny.get_config("scratch,face")
+    assert (scratch.model.clip.source, scratch.optim.name) == ("random", "adamw")
+    assert scratch.model.streams == "face"
+
+
 def test_unknown_key_on_the_command_line_is_an_error(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "caer_jax.train",
-            f"--config={CONFIG_DIR / 'synthetic_tiny.py'}",
+            f"--config={CONFIG_DIR / 'synthetic_tiny.py:scratch'}",
             f"--workdir={tmp_path}",
             "--config.train.batchsize=16",
         ],
@@ -120,7 +139,7 @@ def test_unknown_key_on_the_command_line_is_an_error(tmp_path):
 def test_locked_config_refuses_new_fields():
     from configs import synthetic_tiny
 
-    c = synthetic_tiny.get_config()
+    c = synthetic_tiny.get_config("scratch")
     c.lock()
     with pytest.raises(AttributeError, match="datset"):
         c.datset = 1

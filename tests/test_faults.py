@@ -47,7 +47,7 @@ def start_training(root: Path, workdir: Path, *extra: str) -> subprocess.Popen:
             sys.executable,
             "-m",
             "caer_jax.train",
-            f"--config={REPO / 'configs/synthetic_tiny.py'}",
+            f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}",
             f"--workdir={workdir}",
             *tiny_runs.flags(fault_overrides(root)),
             *extra,
