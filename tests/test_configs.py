@@ -11,7 +11,12 @@ import pytest
 from caer_jax import config_check, errors
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+# Training configs; pretraining configs (pretrain_*.py) have their own tests (test_pretrain.py).
+CONFIGS = sorted(
+    p.stem
+    for p in CONFIG_DIR.glob("*.py")
+    if p.stem != "__init__" and not p.stem.startswith("pretrain_")
+)
 
 
 VARIANTS = ["", "face", "context", "validation", "feature_cache", "face,feature_cache"]
