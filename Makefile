@@ -24,7 +24,7 @@ setup-test: $(VENV)/.setup-test
 
 # CPU runs go through launch/with_jemalloc.sh (jemalloc keeping freed pages when it is installed).
 # The embedded default is the paper's recipe on a tiny CLIP pretrained here: caer_jax.pretrain
-# writes data/pretrained/clip_tiny once (a rerun with the same config and data reuses it), then
+# exports runs/pretrain_tiny/clip once (a rerun with the same config and data reuses it), then
 # zero-shot CLIP with each text type, CLIP-CAER on the face stream alone and on both streams (one
 # training per seed, in RUNS/synthetic_tiny{_face,}/seed_S), and the table of all of them. `make
 # demo SEEDS=42,43,44` trains three seeds of each (about three times as long) and the report
@@ -32,7 +32,7 @@ setup-test: $(VENV)/.setup-test
 SEEDS ?= 42
 TINY := --config=configs/synthetic_tiny.py
 demo: setup
-	launch/with_jemalloc.sh $(PY) -m caer_jax.pretrain --config=configs/pretrain_tiny.py
+	launch/with_jemalloc.sh $(PY) -m caer_jax.pretrain --config=configs/pretrain_tiny.py --workdir=runs/pretrain_tiny
 	$(PY) -m caer_jax.eval $(TINY) --zero_shot --workdir=$(RUNS)/zero_shot_descriptors
 	$(PY) -m caer_jax.eval $(TINY) --zero_shot --workdir=$(RUNS)/zero_shot_names \
 		--config.model.prompt.text_type=class_names

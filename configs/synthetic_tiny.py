@@ -1,6 +1,6 @@
 """The embedded default: the paper's recipe on a tiny CLIP pretrained here, on synthetic clips.
 
-  python -m caer_jax.pretrain --config=configs/pretrain_tiny.py      # once: data/pretrained/clip_tiny
+  python -m caer_jax.pretrain --config=configs/pretrain_tiny.py --workdir=runs/pretrain_tiny
   python -m caer_jax.train --config=configs/synthetic_tiny.py --workdir=runs/synthetic_tiny
 
 Runs in minutes on a 2-core CPU with no network. `model.clip.source` is the Hugging Face CLIP
@@ -16,9 +16,9 @@ import ml_collections
 
 from configs import clip_caer_b32
 
-# Where `caer_jax.pretrain --config=configs/pretrain_tiny.py` writes its export (`make demo`
-# runs it first).
-PRETRAINED = "data/pretrained/clip_tiny"
+# The Hugging Face folder that `caer_jax.pretrain --config=configs/pretrain_tiny.py
+# --workdir=runs/pretrain_tiny` exports (`make demo` runs it first; a rerun reuses it).
+PRETRAINED = "runs/pretrain_tiny/clip"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
