@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,32 @@ def run_fingerprint(config: ml_collections.ConfigDict, data_fingerprint: str) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+RUN_FILE = "fingerprint.txt"  # the fingerprint of the run whose checkpoints the workdir holds
+
+
+def _set_aside_other_run(workdir: Path, fingerprint: str) -> None:
+    """Checkpoints of another config or data are renamed checkpoints.<their fingerprint> (kept,
+    not resumed from), so that a changed config or generator pretrains afresh."""
+    run_file = workdir / RUN_FILE
+    previous = run_file.read_text().strip() if run_file.exists() else fingerprint
+    checkpoints = workdir / "checkpoints"
+    if previous != fingerprint and checkpoints.exists():
+        aside = workdir / f"checkpoints.{previous}"
+        logging.warning(
+            "%s holds checkpoints of another config or data (%s, now %s): moved to %s; "
+            "pretraining afresh",
+            checkpoints,
+            previous,
+            fingerprint,
+            aside,
+        )
+        if aside.exists():
+            shutil.rmtree(aside)
+        checkpoints.rename(aside)
+    if jax.process_index() == 0:
+        run_file.write_text(fingerprint + "\n")
+
+
 def _iterator_layout(config: ml_collections.ConfigDict, start_step: int) -> dict:
     return {
         "start_step": start_step,
@@ -224,6 +251,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         logging.info("%s was pretrained with this config and data (%s): reused", out, fingerprint)
         return {"export": out, "reused": True, "fingerprint": fingerprint}
 
+    _set_aside_other_run(workdir, fingerprint)
     data_dir = pretrain_data.build(config.data, tokenizer_dir)
     source = pretrain_data.PairSource(data_dir, config.data)
     if len(source) < config.train.batch_size:

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dir = "data/pretrain_tiny"
     c.data.seed = 0  # drawn from the generator stream RAER-layout clips never use
-    c.data.num_clips = 1000
+    c.data.num_clips = 600
     c.data.frames_per_clip = 8
     c.data.captions_per_frame = 3  # phrasings stored per frame and stream; one drawn per epoch
     c.data.frame_width = 160  # the RAER-layout generator's frames
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 1000
+    c.train.num_steps = 600
     c.train.batch_size = 64  # frames: each gives a face and a context pair, 2 x 64 in the loss
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 200

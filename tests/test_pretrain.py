@@ -66,9 +66,11 @@ def test_captions_say_what_was_drawn():
                     (captions.MOUTH, plan["mouth"][t]),
                     (captions.EYES, plan["eye"][t]),
                     (captions.BROWS, plan["brow"][t]),
+                    (captions.GAZE, captions._gaze(plan, t)),
+                    (captions.HEAD, captions._head(plan, t)),
                 )
             )
-            assert named >= 1, face
+            assert named >= 3, face
 
 
 def test_tokenizer_knows_class_texts_and_fits_the_tiny_vocabulary():
@@ -154,6 +156,29 @@ def test_resume_gives_the_same_weights(four_steps, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_another_config_pretrains_afresh_and_sets_old_checkpoints_aside(four_steps, tmp_path):
+    config, tmp, result = four_steps
+    import shutil
+
+    from caer_jax import checkpoint
+
+    work = tmp_path / "work"
+    shutil.copytree(tmp / "work", work)
+    changed = config.copy_and_resolve_references()
+    changed.optim.lr = 1e-4
+    changed.train.num_steps = 1
+    again = pretrain.pretrain(changed, work)
+    assert not again["reused"] and again["fingerprint"] != result["fingerprint"]
+    assert (work / f"checkpoints.{result['fingerprint']}" / "4").is_dir()
+    assert export.read_fingerprint(again["export"]) == again["fingerprint"]
+    # checkpoints copied in from another run are refused, not resumed from
+    shutil.rmtree(work / "checkpoints")
+    shutil.copytree(tmp / "work" / "checkpoints", work / "checkpoints")
+    shutil.rmtree(work / pretrain.EXPORT_DIR)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="another config or data"):
+        pretrain.pretrain(changed, work)
+
+
 def test_export_loads_as_a_clip_source_and_in_transformers(four_steps):
     """Our CLIP from the folder on [0, 1] pixels equals transformers' CLIPModel on the same
     pixels, and the pretrained model on CLIP-normalised pixels (the fold is exact)."""
@@ -225,9 +250,12 @@ def test_contrastive_loss_is_low_for_matching_pairs():
         ({"model.pixel_normalization": "imagenet"}, "config.model.pixel_normalization='imagenet'"),
     ],
 )
-def test_bad_settings_are_named(tmp_path, overrides, message):
+def test_bad_settings_are_named(four_steps, tmp_path, overrides, message):
+    config = _config(tmp_path, **overrides)
+    if "train.batch_size" in overrides:
+        config.data.dir = four_steps[0].data.dir  # the module's pairs, reused (same fingerprint)
     with pytest.raises(errors.BadInputError, match=re.escape(message)):
-        pretrain.pretrain(_config(tmp_path, **overrides), tmp_path / "work")
+        pretrain.pretrain(config, tmp_path / "work")
 
 
 def test_command_line_error_is_one_line(tmp_path):

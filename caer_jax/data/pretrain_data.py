@@ -93,8 +93,8 @@ def features(image_size: int, captions_per_frame: int, text_length: int):
 
 def _code_hash() -> str:
     digest = hashlib.sha256()
-    for module in (synthetic, captions):
-        digest.update(Path(module.__file__).read_bytes())
+    for path in (synthetic.__file__, captions.__file__, __file__):
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
@@ -131,7 +131,8 @@ def check_config(data_cfg: ml_collections.ConfigDict) -> None:
         raise PretrainDataError("; ".join(bad))
 
 
-def _resize(img: Image.Image, size: int) -> Image.Image:
+def _resize(img: Image.Image, size: int) -> np.ndarray:
+    """A face crop at the model's size, resized as the input pipeline resizes it."""
     return augment.transform_frames_uint8([img], size)[0]
 
 
@@ -159,12 +160,11 @@ def _draw_records(job: tuple) -> list[bytes]:
             ("face", captions.face_caption),
             ("context", captions.context_caption),
         ):
-            texts = [
-                _caption(write, text_rng, drawn, t, tok, cfg.text_length)
-                for _ in range(cfg.captions_per_frame)
-            ]
-            example[f"{stream}_captions"] = [text for text, _ in texts]
-            example[f"{stream}_ids"] = np.stack([ids for _, ids in texts])
+            texts, ids = _captions(
+                write, text_rng, drawn, t, tok, cfg.text_length, cfg.captions_per_frame
+            )
+            example[f"{stream}_captions"] = texts
+            example[f"{stream}_ids"] = ids
         out.append(feats.serialize_example(example))
     return out
 
@@ -172,19 +172,35 @@ def _draw_records(job: tuple) -> list[bytes]:
 MAX_CAPTION_DRAWS = 50
 
 
-def _caption(write, rng, drawn, t: int, tok: Any, text_length: int) -> tuple[str, np.ndarray]:
-    """A caption by `write` and its token ids. A caption longer than text_length tokens is
-    replaced by another draw (a caption is a random choice of phrasings, not data)."""
-    for _ in range(MAX_CAPTION_DRAWS):
-        text = write(rng, drawn, t)
-        try:
-            return text, tokenizer_lib.tokenize(tok, [text], text_length)[0]
-        except errors.BadInputError:
-            continue
-    raise PretrainDataError(
-        f"config.data.text_length={text_length}: {MAX_CAPTION_DRAWS} captions in a row were "
-        f"longer (the last: {text!r}); raise it (captions take up to about 45 tokens)"
-    )
+def _captions(
+    write, rng, drawn, t: int, tok: Any, text_length: int, count: int
+) -> tuple[list[str], np.ndarray]:
+    """`count` captions of frame t by `write` and their token ids [count, text_length].
+
+    A caption longer than text_length tokens is replaced by another draw: a caption is a random
+    choice of phrasings, not data. (All are tokenised in one call first, as that is the usual
+    case; only when one does not fit are they drawn again one by one.)
+    """
+    texts = [write(rng, drawn, t) for _ in range(count)]
+    try:
+        return texts, tokenizer_lib.tokenize(tok, texts, text_length)
+    except errors.BadInputError:
+        pass
+    ids = []
+    for i in range(count):
+        for _ in range(MAX_CAPTION_DRAWS):
+            try:
+                ids.append(tokenizer_lib.tokenize(tok, texts[i : i + 1], text_length)[0])
+                break
+            except errors.BadInputError:
+                texts[i] = write(rng, drawn, t)
+        else:
+            raise PretrainDataError(
+                f"config.data.text_length={text_length}: {MAX_CAPTION_DRAWS} captions in a row "
+                f"were longer (the last: {texts[i]!r}); raise it (captions take up to about 45 "
+                "tokens)"
+            )
+    return texts, np.stack(ids)
 
 
 _TOKENIZERS: dict[str, Any] = {}
