@@ -23,17 +23,26 @@ setup: $(VENV)/.setup
 setup-test: $(VENV)/.setup-test
 
 # CPU runs go through launch/with_jemalloc.sh (jemalloc keeping freed pages when it is installed).
-# One training per seed and stream setting, in RUNS/synthetic_tiny{,_face}/seed_S; `make demo
-# SEEDS=42,43,44` trains three seeds of each (about three times as long) and the report prints
-# their mean +- standard deviation.
+# The embedded default is the paper's recipe on a tiny CLIP pretrained here: caer_jax.pretrain
+# exports runs/pretrain_tiny/clip once (a rerun with the same config and data reuses it), then
+# zero-shot CLIP with each text type, CLIP-CAER on the face stream alone and on both streams (one
+# training per seed, in RUNS/synthetic_tiny{_face,}/seed_S), and the table of all of them. `make
+# demo SEEDS=42,43,44` trains three seeds of each (about three times as long) and the report
+# prints their mean +- standard deviation.
 SEEDS ?= 42
 # The CPU runs keep jax off libtpu (installed by setup-test for caer_jax.plan), which would
 # otherwise be loaded to look for a TPU and print its warnings about finding none.
 demo bench: export JAX_PLATFORMS ?= cpu
+TINY := --config=configs/synthetic_tiny.py
 demo: setup
-	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py
-	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny_face launch/with_jemalloc.sh $(PY) -m caer_jax.train --config=configs/synthetic_tiny.py:face
-	$(PY) -m caer_jax.report $(RUNS)/synthetic_tiny $(RUNS)/synthetic_tiny_face
+	launch/with_jemalloc.sh $(PY) -m caer_jax.pretrain --config=configs/pretrain_tiny.py --workdir=runs/pretrain_tiny
+	$(PY) -m caer_jax.eval $(TINY) --zero_shot --workdir=$(RUNS)/zero_shot_descriptors
+	$(PY) -m caer_jax.eval $(TINY) --zero_shot --workdir=$(RUNS)/zero_shot_names \
+		--config.model.prompt.text_type=class_names
+	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny_face launch/with_jemalloc.sh $(PY) -m caer_jax.train $(TINY):face
+	launch/seeds.sh $(SEEDS) $(RUNS)/synthetic_tiny launch/with_jemalloc.sh $(PY) -m caer_jax.train $(TINY)
+	$(PY) -m caer_jax.report $(RUNS)/zero_shot_descriptors $(RUNS)/zero_shot_names \
+		$(RUNS)/synthetic_tiny_face $(RUNS)/synthetic_tiny
 
 bench: setup
 	launch/with_jemalloc.sh $(PY) -m caer_jax.bench --end_to_end --skip_paper --out=$(RUNS)/bench.json

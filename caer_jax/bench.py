@@ -446,7 +446,10 @@ def measure(scratch: Path, cache: Path) -> dict:
         "host_allocator": host_allocator(),
         "matmul_flops_per_s": peak,
         "tiny": bench_model(
-            synthetic_tiny.get_config(), 8, _REPEATS.value, functools.partial(reference, "float32")
+            synthetic_tiny.get_config("scratch"),
+            8,
+            _REPEATS.value,
+            functools.partial(reference, "float32"),
         ),
     }
     if _FEATURE_CACHE.value:

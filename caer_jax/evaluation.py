@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,17 @@ from caer_jax.data import feature_cache, pipeline, prefetch, prepare
 from caer_jax.models import caer
 
 
-def make_eval_step(model, config: ml_collections.ConfigDict, mesh, params: Any):
-    """The jitted eval step for `params`' layout on `mesh` (build once, call every epoch)."""
+def make_eval_step(
+    model, config: ml_collections.ConfigDict, mesh, params: Any, *, zero_shot: bool = False
+):
+    """The jitted eval step for `params`' layout on `mesh` (build once, call every epoch);
+    `zero_shot`: CLIPCAER.zero_shot's logits instead of the trained head's."""
+    method = feature_cache.apply_method(config)
+    if zero_shot:
+        method = "zero_shot_from_features" if method == "from_features" else "zero_shot"
     return jax.jit(
         functools.partial(
-            steps.eval_step,
-            model=model,
-            streams=config.model.streams,
-            method=feature_cache.apply_method(config),
+            steps.eval_step, model=model, streams=config.model.streams, method=method
         ),
         in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
@@ -101,6 +105,49 @@ def _write_predictions(
             )
 
 
+def _write_results(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    summary: dict,
+    predictions: dict,
+    *,
+    split: str,
+    title: str,
+) -> dict:
+    """Adds the class names and bootstrap intervals to `summary` and writes metrics.json,
+    confusion_matrix.png and predictions.csv (suffixed `_<split>` for a split other than the
+    config's eval split) into `workdir`."""
+    class_names = label_sets.load(config.model.label_set).class_names
+    summary.update(
+        class_names=list(class_names),
+        bootstrap=metrics.bootstrap_intervals(
+            predictions["label"],
+            predictions["probs"].argmax(-1),
+            class_names,
+            resamples=config.eval.bootstrap_resamples,
+            seed=config.eval.bootstrap_seed,
+            confidence=config.eval.confidence,
+        ),
+    )
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        suffix = "" if split == config.data.eval_split else f"_{split}"
+        metrics.write_json(summary, workdir / f"metrics{suffix}.json")
+        metrics.plot_confusion_matrix(
+            np.asarray(summary["confusion_matrix"]),
+            class_names,
+            workdir / f"confusion_matrix{suffix}.png",
+            title=f"{title}: UAR {summary['uar']:.1f} WAR {summary['war']:.1f}",
+        )
+        _write_predictions(
+            predictions,
+            pipeline.video_ids(config, split),
+            class_names,
+            workdir / f"predictions{suffix}.csv",
+        )
+    return summary
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str | Path, *, step: str | int, split: str
 ) -> dict:
@@ -135,7 +182,6 @@ def evaluate_checkpoint(
     summary = evaluate(step_fn, params, config, split, mesh)
     predictions = summary.pop("predictions")
     summary.update(
-        class_names=list(class_names),
         split=split,
         step=resolved,
         checkpoint=str(step),
@@ -144,28 +190,55 @@ def evaluate_checkpoint(
         streams=config.model.streams,
         # caer_jax.report groups runs whose training configs differ only by the seed.
         train_config=trained_with,
-        bootstrap=metrics.bootstrap_intervals(
-            predictions["label"],
-            predictions["probs"].argmax(-1),
-            class_names,
-            resamples=config.eval.bootstrap_resamples,
-            seed=config.eval.bootstrap_seed,
-            confidence=config.eval.confidence,
-        ),
     )
-    if jax.process_index() == 0:
-        suffix = "" if split == config.data.eval_split else f"_{split}"
-        metrics.write_json(summary, workdir / f"metrics{suffix}.json")
-        metrics.plot_confusion_matrix(
-            np.asarray(summary["confusion_matrix"]),
-            class_names,
-            workdir / f"confusion_matrix{suffix}.png",
-            title=f"{split} step {resolved}: UAR {summary['uar']:.1f} WAR {summary['war']:.1f}",
-        )
-        _write_predictions(
-            predictions,
-            pipeline.video_ids(config, split),
-            class_names,
-            workdir / f"predictions{suffix}.csv",
-        )
-    return summary
+    return _write_results(
+        config, workdir, summary, predictions, split=split, title=f"{split} step {resolved}"
+    )
+
+
+ZERO_SHOT = "zero-shot"
+
+
+def zero_shot_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` as zero-shot CLIP evaluates it: the class texts without learned context tokens
+    (prompt.n_ctx = 0), so that the text features are CLIP's own embeddings of the texts."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.prompt.n_ctx = 0
+    return c
+
+
+def evaluate_zero_shot(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, split: str
+) -> dict:
+    """Zero-shot CLIP on `split`, nothing trained: config.model.clip.source's encoders, the
+    class texts of config.model.prompt.text_type, the image features of config.model.streams
+    pooled as CLIPCAER.zero_shot_from_features says. Writes what evaluate_checkpoint writes,
+    with checkpoint "zero-shot" and the evaluated config (n_ctx 0) as its train_config."""
+    workdir = Path(workdir)
+    config = zero_shot_config(config)
+    # The first command of a fresh demo: nothing may have generated the synthetic data yet.
+    prepare.prepare_data(config)  # also refuses a dataset of other classes than the label set
+    prepare.check_split(config, split)
+    mesh = sharding.make_mesh(config.mesh)
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    # The temporal nets and fusion are initialised too (zero_shot does not use them): the
+    # parameter tree stays the model's, which the eval step and the feature cache expect.
+    params = caer.init_params(model, config.model, jax.random.key(config.seed))
+    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+    if config.data.feature_cache.enabled:
+        feature_cache.build_here(config, model, params, [split])
+    step_fn = make_eval_step(model, config, mesh, params, zero_shot=True)
+    summary = evaluate(step_fn, params, config, split, mesh)
+    predictions = summary.pop("predictions")
+    summary.update(
+        split=split,
+        step=0,
+        checkpoint=ZERO_SHOT,
+        epoch=0,
+        protocol="zero-shot (no training)",
+        streams=config.model.streams,
+        train_config=json.loads(json.dumps(config.to_dict())),
+    )
+    title = f"{split} zero-shot, {config.model.prompt.text_type}"
+    return _write_results(config, workdir, summary, predictions, split=split, title=title)

@@ -186,3 +186,19 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_pretrain_curves(history: Sequence[dict], path: Path) -> None:
+    """Pretraining loss and in-batch image->text accuracy per logged step, as a PNG."""
+    steps = [h["step"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(steps, [h["train_loss"] for h in history], marker="o")
+    loss_ax.set_ylabel("contrastive loss")
+    acc_ax.plot(steps, [100 * h["accuracy"] for h in history], marker="o")
+    acc_ax.set_ylabel("image->text top-1 in batch (%)")
+    acc_ax.set_ylim(0, 100)
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

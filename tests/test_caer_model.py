@@ -16,7 +16,7 @@ T = 3
 
 
 def _cfg(**overrides):
-    c = synthetic_tiny.get_config()
+    c = synthetic_tiny.get_config("scratch")
     c.model.clip.image_size = 32
     c.model.clip.patch_size = 16
     c.model.clip.vision_layers = 1

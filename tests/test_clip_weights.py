@@ -203,7 +203,7 @@ def test_init_params_loads_source_into_caer(tmp_path):
     geometry = dataclasses.replace(TINY, vocab_size=1024)
     model = _reference(geometry, seed=3)
     model.save_pretrained(tmp_path)
-    cfg = synthetic_tiny.get_config().model
+    cfg = synthetic_tiny.get_config("scratch").model
     for k, v in dataclasses.asdict(geometry).items():
         cfg.clip[k] = v
     cfg.clip.source = str(tmp_path)

@@ -9,7 +9,12 @@ import pytest
 from caer_jax import config_check, errors
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+# Training configs; pretraining configs (pretrain_*.py) have their own tests (test_pretrain.py).
+CONFIGS = sorted(
+    p.stem
+    for p in CONFIG_DIR.glob("*.py")
+    if p.stem != "__init__" and not p.stem.startswith("pretrain_")
+)
 
 
 VARIANTS = ["", "face", "context", "validation", "feature_cache", "face,feature_cache"]
@@ -91,10 +96,29 @@ def test_paper_setting():
         clip_caer_b32.get_config("bogus")
 
 
+def test_embedded_default_is_the_papers_recipe_on_the_pretrained_folder():
+    """configs/synthetic_tiny.py departs from the paper's optimizer, pixels and init only in
+    `:scratch`; the default differs in epochs alone, milestones scaled with them."""
+    from configs import clip_caer_b32, synthetic_tiny
+
+    paper, tiny = clip_caer_b32.get_config(), synthetic_tiny.get_config()
+    assert tiny.model.clip.source == synthetic_tiny.PRETRAINED
+    for field in ("name", "momentum", "weight_decay", "gamma", "warmup_epochs"):
+        assert tiny.optim[field] == paper.optim[field], field
+    assert dict(tiny.optim.lr) == dict(paper.optim.lr)
+    scale = tiny.train.num_epochs / paper.train.num_epochs
+    assert tuple(tiny.optim.milestones) == tuple(round(m * scale) for m in paper.optim.milestones)
+    assert tiny.model.pixel_normalization == paper.model.pixel_normalization == "none"
+    assert tiny.model.temporal.init_std == paper.model.temporal.init_std == 1.0
+    scratch = synthetic_tiny.get_config("scratch,face")
+    assert (scratch.model.clip.source, scratch.optim.name) == ("random", "adamw")
+    assert scratch.model.streams == "face"
+
+
 def test_locked_config_refuses_new_fields():
     from configs import synthetic_tiny
 
-    c = synthetic_tiny.get_config()
+    c = synthetic_tiny.get_config("scratch")
     c.lock()
     with pytest.raises(AttributeError, match="datset"):
         c.datset = 1

@@ -204,7 +204,7 @@ def reference_logits(sd, ids, face, context):
 
 
 def _model_cfg():
-    cfg = synthetic_tiny.get_config().model
+    cfg = synthetic_tiny.get_config("scratch").model
     cfg.temporal.heads, cfg.temporal.head_dim = HEADS, HEAD_DIM
     # CLIP heads: text width 64 matches the config, whose heads are used (1, as the reference);
     # vision width 128 does not (config 64), so heads come from OpenAI's rule 128 // 64 = 2.
@@ -352,7 +352,7 @@ def _tiny_official(tmp_path, config):
 
 
 def test_cli_writes_a_checkpoint_that_restores(tmp_path):
-    config = synthetic_tiny.get_config()
+    config = synthetic_tiny.get_config("scratch")
     path, sd = _tiny_official(tmp_path, config)
     changed = convert.main_convert(path, config, tmp_path / "run")
     # the tiny config already has the geometry; only the authors' [0, 1] pixel input differs
@@ -378,19 +378,22 @@ def test_cli_writes_a_checkpoint_that_restores(tmp_path):
     logits, _ = jax.jit(lambda p: model.apply({"params": p}, face, face))(state.params)
     assert np.isfinite(logits).all()
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        convert.main_convert(path, synthetic_tiny.get_config(), tmp_path / "run")
+        convert.main_convert(path, synthetic_tiny.get_config("scratch"), tmp_path / "run")
 
 
 def test_cli_converts_with_the_heads_given_and_records_them(tmp_path):
     # The issue's case: text heads given on the command line, the config file's width another.
-    config = synthetic_tiny.get_config()
+    config = synthetic_tiny.get_config("scratch")
     config.model.clip.text_width = 128  # the file's; the config file has 64 (2 heads)
     path, _ = _tiny_official(tmp_path, config)
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [
             *(sys.executable, "-m", "caer_jax.convert", f"--official={path}"),
-            *(f"--config={repo / 'configs/synthetic_tiny.py'}", f"--workdir={tmp_path / 'run'}"),
+            *(
+                f"--config={repo / 'configs/synthetic_tiny.py:scratch'}",
+                f"--workdir={tmp_path / 'run'}",
+            ),
             *("--config.model.clip.text_heads=4", "--compilation_cache="),
         ],
         capture_output=True,
@@ -409,7 +412,7 @@ def test_cli_converts_with_the_heads_given_and_records_them(tmp_path):
 
 
 def test_cli_refuses_prompts_that_train_would_not_rebuild(tmp_path):
-    config = synthetic_tiny.get_config()
+    config = synthetic_tiny.get_config("scratch")
     path, _ = _tiny_official(tmp_path, config)
     config.model.prompt.text_type = "class_names"
     with pytest.raises(WeightsError, match="class 0: config.model.prompt.text_type='class_names'"):

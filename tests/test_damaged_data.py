@@ -303,7 +303,7 @@ def test_check_lists_every_damaged_record_and_file(cache, data_dir, tmp_path, ca
 def test_check_command_status(data_dir, tmp_path):
     bad_dir, path = damaged_copy(data_dir, tmp_path, cut_short)
     flags = [
-        f"--config={REPO / 'configs/synthetic_tiny.py'}",
+        f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}",
         f"--config.data.tfds_name={NAME}",
         "--compilation_cache=",
     ]

@@ -110,7 +110,7 @@ def test_eval_cli_restores_the_checkpoint_on_one_device(trained, tmp_path):
             sys.executable,
             "-m",
             "caer_jax.eval",
-            f"--config={REPO / 'configs/synthetic_tiny.py'}",
+            f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}",
             f"--workdir={workdir}",
             "--step=best",
             f"--config.data.data_dir={config.data.data_dir}",

@@ -77,6 +77,16 @@ MISTAKES = {
     "caer_jax.predict": (lambda home: [TINY, "--workdir=w", "--json=maybe"], ["--json"]),
     "caer_jax.convert": (lambda home: [TINY, "--workdir=w"], ["--official required"]),
     "caer_jax.bench": (lambda home: ["--repeats=many"], ["--repeats=many"]),
+    "caer_jax.pretrain": (
+        lambda home: [f"--config={REPO / 'configs/pretrain_tiny.py'}"],
+        ["--workdir required"],
+    ),
+    "caer_jax.plan": (lambda home: [TINY, "--topology=v9-8"], ["--topology=v9-8: not a topology"]),
+    # A folder without the build is named as not built (it once passed as "no damaged records").
+    "caer_jax.data.check": (
+        lambda home: [TINY, f"--config.data.data_dir={home / 'nothing'}"],
+        ["is not built in", "build it first"],
+    ),
     "caer_jax.report": (lambda home: ["--bogus"], ["unknown flag --bogus", "usage:"]),
     "caer_jax.data.synthetic": (lambda home: ["--clips=20"], ["required: --out"]),
     "tfds_raer.raer.benchmark": (lambda home: ["--bogus"], ["unrecognized arguments: --bogus"]),

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TFDS = Path(sys.executable).parent / "tfds"
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connections are refused at once
 HUB_ID = "openai/clip-vit-base-patch32"
-TINY = f"--config={REPO / 'configs/synthetic_tiny.py'}"
+TINY = f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}"
 
 
 def run(
@@ -69,7 +69,7 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> s
 
 
 def test_truncated_authors_checkpoint_is_called_that(tmp_path):
-    path, _ = _tiny_official(tmp_path, synthetic_tiny.get_config())
+    path, _ = _tiny_official(tmp_path, synthetic_tiny.get_config("scratch"))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # a partial download
     result = python(
@@ -120,7 +120,7 @@ def test_clip_weights_of_random_bytes_are_called_corrupt(tmp_path):
 
 
 def test_a_build_of_another_builder_version_is_named(tmp_path):
-    config = synthetic_tiny.get_config()
+    config = synthetic_tiny.get_config("scratch")
     config.data.data_dir = str(tmp_path)
     config.data.synthetic.enabled = False
     (tmp_path / "raer/64px/2.0.0").mkdir(parents=True)  # what a 2.0.0 build leaves
@@ -160,7 +160,12 @@ def test_a_broken_config_file_is_named_with_its_line(tmp_path, body, line, kind)
 @pytest.mark.parametrize(
     "module, args, fragments",
     [
-        ("caer_jax.eval", [TINY + ":nope"], ["unknown variant 'nope'"]),
+        ("caer_jax.eval", [TINY + ",nope"], ["unknown variant 'nope'", "has also scratch"]),
+        (
+            "caer_jax.eval",
+            [TINY, "--workdir=w", "--zero_shot", "--step=best"],
+            ["--step=best with --zero_shot"],
+        ),
         ("caer_jax.predict", [TINY, "--workdir=w"], ["exactly one PATH"]),
         ("caer_jax.data.synthetic", ["--out=x", "--clips=5"], ["--clips must be an integer >= 10"]),
     ],
@@ -254,7 +259,7 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("offline")
     settings = tiny_runs.overrides(root, num_clips=10, **{"train.num_epochs": 1})
     prepare.prepare_data(tiny_runs.config(settings))
-    path, _ = _tiny_official(root, synthetic_tiny.get_config())
+    path, _ = _tiny_official(root, synthetic_tiny.get_config("scratch"))
     flags = [TINY, *tiny_runs.flags(settings), f"--config.model.clip.source={HUB_ID}"]
     start = time.perf_counter()
     result = python(
@@ -290,7 +295,7 @@ def test_checkpoint_records_the_prompt_token_ids(converted):
     meta = ckpts.read_meta(0)
     ckpts.close()
     ids = checkpoint.saved_prompt_token_ids(meta)
-    config = synthetic_tiny.get_config()
+    config = synthetic_tiny.get_config("scratch")
     assert ids.shape == (5, config.model.clip.context_length)
     assert meta["prompt"]["text_type"] == config.model.prompt.text_type
     assert len(meta["prompt"]["class_texts"]) == 5

@@ -63,7 +63,7 @@ def start_training(
         [
             sys.executable,
             *program,
-            f"--config={REPO / 'configs/synthetic_tiny.py'}",
+            f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}",
             f"--workdir={workdir}",
             *tiny_runs.flags(fault_overrides(root)),
             *extra,

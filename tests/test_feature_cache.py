@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 
 def _config(data_dir, cache_dir, **data):
-    c = synthetic_tiny.get_config("feature_cache")
+    c = synthetic_tiny.get_config("scratch,feature_cache")
     c.data.tfds_name = "raer_pipeline_fixture"
     c.data.data_dir = str(data_dir)
     c.data.image_size = SIZE

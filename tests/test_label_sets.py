@@ -92,7 +92,7 @@ def test_report_columns_are_the_runs_classes(tmp_path):
             split="test",
             checkpoint="best",
             streams="both",
-            train_config=json.loads(json.dumps(synthetic_tiny.get_config().to_dict())),
+            train_config=json.loads(json.dumps(synthetic_tiny.get_config("scratch").to_dict())),
             bootstrap=metrics.bootstrap_intervals(
                 labels, preds, classes, resamples=50, seed=0, confidence=0.95
             ),

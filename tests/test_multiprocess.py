@@ -77,7 +77,7 @@ def local_sh(root: Path, module: str, workdir: Path, *extra: str, env: dict | No
             str(free_port()),
             "2",
             module,
-            f"--config={REPO / 'configs/synthetic_tiny.py'}",
+            f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}",
             f"--workdir={workdir}",
             *args,
             *extra,
@@ -189,7 +189,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_proc
     workdir = tmp_path / "preempted"
     command = [
         *(str(REPO / "launch/local.sh"), "--devices-per-process", "2", "--port", str(free_port())),
-        *("2", "caer_jax.train", f"--config={REPO / 'configs/synthetic_tiny.py'}"),
+        *("2", "caer_jax.train", f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}"),
         *(f"--workdir={workdir}", *tiny_runs.flags(tiny_overrides(root))),
         "--config.train.num_epochs=10",  # 40 steps
     ]

@@ -98,7 +98,7 @@ def records(data_dir):
 
 
 def _config(data_dir, **data):
-    c = synthetic_tiny.get_config()
+    c = synthetic_tiny.get_config("scratch")
     c.data.tfds_name = "raer_pipeline_fixture"
     c.data.data_dir = str(data_dir)
     c.data.image_size = SIZE

@@ -16,7 +16,7 @@ import pytest
 from caer_jax import plan
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "--config=configs/synthetic_tiny.py"
+TINY = "--config=configs/synthetic_tiny.py:scratch"
 # A global batch whose train step needs more than a v5e chip's 16 GiB: the compiler refuses it.
 TOO_LARGE = 16384
 
@@ -100,7 +100,7 @@ def test_without_libtpu_one_error_line():
     env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
     script = (
         "import sys; sys.modules['libtpu'] = None; from caer_jax import plan; "
-        "sys.argv = ['plan', '--topology=v5e:2x2', '--config=configs/synthetic_tiny.py', "
+        "sys.argv = ['plan', '--topology=v5e:2x2', '--config=configs/synthetic_tiny.py:scratch', "
         "'--compilation_cache=']; plan.main()"
     )
     out = subprocess.run(

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     """A checkpoint written by the project's saver (random tiny model; training it first would
     cost a minute and test nothing predict depends on) and the parameters it holds."""
     workdir = tmp_path_factory.mktemp("predict") / "run"
-    config = synthetic_tiny.get_config()
+    config = synthetic_tiny.get_config("scratch")
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     params = caer.init_params(
         model, config.model, jax.random.key(0), num_frames=config.data.num_segments
@@ -189,7 +189,7 @@ def _cli(workdir, path, home, *extra):
             sys.executable,
             "-m",
             "caer_jax.predict",
-            f"--config={REPO / 'configs/synthetic_tiny.py'}",
+            f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}",
             f"--workdir={workdir}",
             *extra,
             str(path),

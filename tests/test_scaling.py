@@ -52,7 +52,7 @@ def scaling_config(dtype: str = "float32") -> ml_collections.ConfigDict:
     other leaves within 3.4e-5. That is the optimizer, not the partitioning. Why cos / 0.1: at
     cos / 0.01 a random model's loss on noise is 10-50, where fp32 rounding alone is ~1e-5.
     """
-    c = synthetic_tiny.get_config()
+    c = synthetic_tiny.get_config("scratch")
     c.data.num_segments = 4
     c.data.image_size = 32
     c.model.clip.image_size = 32

@@ -20,7 +20,7 @@ BATCH = 4
 
 
 def tiny_config():
-    c = synthetic_tiny.get_config()
+    c = synthetic_tiny.get_config("scratch")
     c.data.num_segments = 2
     c.data.image_size = 32
     c.model.clip.image_size = 32

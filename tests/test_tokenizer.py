@@ -76,7 +76,7 @@ def test_weights_file_without_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         tokenizer_lib.load_tokenizer(cfg)
     tokenizer_lib.write_offline_vocab(tmp_path)
-    assert len(tokenizer_lib.load_tokenizer(cfg)) < 1024
+    assert len(tokenizer_lib.load_tokenizer(cfg)) <= 1024
 
 
 def test_folder_without_a_vocabulary_is_refused(tmp_path):
@@ -84,4 +84,4 @@ def test_folder_without_a_vocabulary_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no CLIP vocabulary found"):
         tokenizer_lib.load_tokenizer(cfg)
     tokenizer_lib.write_offline_vocab(tmp_path)
-    assert len(tokenizer_lib.load_tokenizer(cfg)) < 1024
+    assert len(tokenizer_lib.load_tokenizer(cfg)) <= 1024

@@ -35,7 +35,7 @@ _READ_WITHOUT_TF = textwrap.dedent(
     from caer_jax.data import pipeline, prepare
     from configs import synthetic_tiny
 
-    c = synthetic_tiny.get_config()
+    c = synthetic_tiny.get_config("scratch")
     c.data.data_dir = sys.argv[1]
     c.data.synthetic.enabled = False
     c.data.num_segments = 4

@@ -1,4 +1,5 @@
-"""Small training runs for tests: the embedded default shrunk to a few synthetic clips.
+"""Small training runs for tests: the embedded default's `scratch` variant (a randomly initialised
+CLIP, so that no pretrained folder is needed) shrunk to a few synthetic clips.
 
 A run is described once as config overrides ("data.synthetic.num_clips": 40, ...), which give the
 in-process ConfigDict (`config`) and the same settings as command-line flags (`flags`) for runs
@@ -29,7 +30,9 @@ def overrides(root: Path, num_clips: int = 40, **extra) -> dict:
 
 
 def config(settings: dict, variant: str = "") -> ml_collections.ConfigDict:
-    c = synthetic_tiny.get_config(variant)
+    """The `scratch` variant of the embedded default (no pretrained folder needed), with
+    `variant` (e.g. "face") and `settings` applied."""
+    c = synthetic_tiny.get_config(f"scratch,{variant}")
     for key, value in settings.items():
         *parents, leaf = key.split(".")
         node = c

@@ -78,6 +78,8 @@ def check(config: ml_collections.ConfigDict, splits: list[str]) -> str:
     """Scans `splits` (all of the build's when empty) and their feature caches; returns a summary
     when nothing is damaged, else prints every damaged record and raises DamagedDataError."""
     name, data_dir = config.data.tfds_name, config.data.data_dir or None
+    if not prepare.dataset_exists(config):
+        raise prepare.not_built_error(config)  # else an empty folder would pass as clean
     builder = tfds.builder(name, data_dir=data_dir)
     splits = splits or list(builder.info.splits)
     for split in splits:

@@ -283,11 +283,18 @@ def train_iterator(
     config.train.batch_size // process_count clips. Checkpoint with `get_state()` and resume with
     `set_state(state)` on an iterator made with the same arguments; or, with any process count,
     make a new one at the step to resume from (the global batches are the same).
-    `source` and `loader` replace the ClipSource and the ClipLoader (the feature cache's).
+    `source` and `loader` replace the ClipSource and the ClipLoader (the feature cache's, or
+    the pretraining pairs'): anything indexable, and an object whose `load(item, index, rng)`
+    makes an example of `source[index]`.
     """
-    start_epoch, first_step = divmod(start_step, steps_per_epoch(config))
+    if source is None:
+        source = clip_source(config, config.data.train_split)
+        steps = steps_per_epoch(config)
+    else:
+        steps = len(source) // config.train.batch_size
+    start_epoch, first_step = divmod(start_step, steps)
     element = _TrainElement(
-        clip_source(config, config.data.train_split) if source is None else source,
+        source,
         ClipLoader.from_config(config) if loader is None else loader,
         seed=seed,
         global_batch=config.train.batch_size,

@@ -31,6 +31,7 @@ so the files are byte-identical whatever the number of worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -120,8 +121,10 @@ def _random_colour(rng: np.random.Generator, lo: int = 30, hi: int = 230) -> tup
     return tuple(int(v) for v in rng.integers(lo, hi, size=3))
 
 
-def _draw_scene(rng: np.random.Generator, w: int, h: int, s: float, desk_top: int) -> Image.Image:
-    """Static background: room of a random kind with furniture, then the desk."""
+def _draw_scene(
+    rng: np.random.Generator, w: int, h: int, s: float, desk_top: int
+) -> tuple[Image.Image, str]:
+    """Static background: room of a random kind with furniture, then the desk; and the kind."""
     scene = SCENES[int(rng.integers(len(SCENES)))]
     wall = {
         "classroom": (225, 220, 190),
@@ -183,7 +186,7 @@ def _draw_scene(rng: np.random.Generator, w: int, h: int, s: float, desk_top: in
         fill=tuple(max(0, v - 50) for v in desk),
         width=max(1, int(2 * s)),
     )
-    return img
+    return img, scene
 
 
 def _draw_face(
@@ -374,14 +377,32 @@ def _clip_plan(rng: np.random.Generator, label: int, num_frames: int) -> dict[st
     return plan
 
 
-def _render_clip(job: tuple) -> dict[str, Any]:
-    """Draws and writes one clip; returns its face boxes, body box and bookkeeping."""
-    (clip_dir, seed, index, label, num_frames, width, height, quality) = job
-    rng = np.random.default_rng([seed, 1, index])
+@dataclasses.dataclass
+class DrawnClip:
+    """One clip as drawn, before it is written: the frames, the boxes a detector would give, and
+    what was drawn (the plan and the scene), from which captions are written (captions.py)."""
+
+    frames: list[Image.Image]
+    face_boxes: list[list[int] | None]  # per frame; None where the detector missed the face
+    body_box: list[int] | None
+    plan: dict[str, Any]
+    scene: str
+    ident: dict[str, Any]
+    shirt: tuple[int, int, int]
+    desk_object: str
+    desk_phone_lit: bool
+    gains: list[float]  # per frame: the camera's brightness offset
+    held_phone: list[list[float]]  # per frame with a phone held up, its box
+
+
+def draw_clip(
+    rng: np.random.Generator, label: int, num_frames: int, width: int, height: int
+) -> DrawnClip:
+    """Draws one clip of class `label` with `rng` (the clip's own generator)."""
     w, h = width, height
     s = min(w / 160.0, h / 120.0)
     desk_top = int(round(h * 0.72))
-    background = _draw_scene(rng, w, h, s, desk_top)
+    background, scene = _draw_scene(rng, w, h, s, desk_top)
     ident = {
         "skin": _jitter_colour(rng, _SKIN[int(rng.integers(len(_SKIN)))], 12),
         "hair": _jitter_colour(rng, _HAIR[int(rng.integers(len(_HAIR)))], 12),
@@ -403,16 +424,16 @@ def _render_clip(job: tuple) -> dict[str, Any]:
     hand_colour = tuple(max(0, v - 15) for v in ident["skin"])
     miss_rate = float(rng.uniform(0, 2 * FACE_BOX_MISS_RATE))
 
-    out = Path(clip_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    face_boxes: dict[str, list[int]] = {}
     union = [math.inf, math.inf, -math.inf, -math.inf]
 
     def grow(box):
         union[0], union[1] = min(union[0], box[0]), min(union[1], box[1])
         union[2], union[3] = max(union[2], box[2]), max(union[3], box[3])
 
-    held_phone: list[list[float]] = []  # per frame, for tests of the context rule
+    frames: list[Image.Image] = []
+    face_boxes: list[list[int] | None] = []
+    gains: list[float] = []
+    held_phone: list[list[float]] = []
     drift = np.zeros(2)
     for t in range(num_frames):
         drift = np.clip(drift + rng.normal(0, 0.4, 2), -1.5, 1.5)
@@ -478,8 +499,9 @@ def _render_clip(job: tuple) -> dict[str, Any]:
         gain = float(rng.uniform(-8, 8))
         arr = arr + gain + rng.integers(-6, 7, size=arr.shape, dtype=np.int16)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-        name = f"{t + 1:06d}.jpg"
-        img.save(out / name, format="JPEG", quality=quality)
+        frames.append(img)
+        gains.append(gain)
+        box = None
         if rng.random() >= miss_rate:
             j = rng.integers(-2, 3, size=4)
             box = [
@@ -489,7 +511,7 @@ def _render_clip(job: tuple) -> dict[str, Any]:
                 int(np.clip(round(face[3]) + j[3], 0, h)),
             ]
             box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
-            face_boxes[name] = box
+        face_boxes.append(box)
     body = None
     if rng.random() >= BODY_BOX_MISS_RATE:
         m = 3 * s
@@ -499,11 +521,38 @@ def _render_clip(job: tuple) -> dict[str, Any]:
             int(min(w, math.ceil(union[2] + m))),
             int(min(h, math.ceil(union[3] + m))),
         ]
+    return DrawnClip(
+        frames=frames,
+        face_boxes=face_boxes,
+        body_box=body,
+        plan=plan,
+        scene=scene,
+        ident=ident,
+        shirt=shirt,
+        desk_object=obj_kind,
+        desk_phone_lit=desk_phone_lit,
+        gains=gains,
+        held_phone=held_phone,
+    )
+
+
+def _render_clip(job: tuple) -> dict[str, Any]:
+    """Draws and writes one clip; returns its face boxes, body box and bookkeeping."""
+    (clip_dir, seed, index, label, num_frames, width, height, quality) = job
+    drawn = draw_clip(np.random.default_rng([seed, 1, index]), label, num_frames, width, height)
+    out = Path(clip_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    face_boxes: dict[str, list[int]] = {}
+    for t, (img, box) in enumerate(zip(drawn.frames, drawn.face_boxes, strict=True)):
+        name = f"{t + 1:06d}.jpg"
+        img.save(out / name, format="JPEG", quality=quality)
+        if box is not None:
+            face_boxes[name] = box
     return {
         "face_boxes": face_boxes,
-        "body_box": body,
-        "variant": plan["variant"],
-        "held_phone": held_phone,
+        "body_box": drawn.body_box,
+        "variant": drawn.plan["variant"],
+        "held_phone": drawn.held_phone,
     }
 
 

@@ -286,17 +286,45 @@ class CLIPCAER(nn.Module):
         logits = self.logit_scale * v @ text.T
         return logits, {"video_features": v, "text_features": text}
 
-    def __call__(
-        self, face: jax.Array | None, context: jax.Array | None, train: bool = False
+    def zero_shot_from_features(
+        self, face_feats: jax.Array | None, context_feats: jax.Array | None, train: bool = False
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Zero-shot CLIP: per-frame image features [B, T, D] of each used stream -> (logits,
+        aux), nothing learned in between. A clip's feature is the mean of its L2-normalised
+        frame features over the frames of every used stream, normalised again (each frame
+        weighs the same whatever its feature's norm; with both streams the face and context
+        frames alike, which is the mean of the two streams' means); logits are logit_scale x its
+        cosine with each class text. Meant for a model built with prompt.n_ctx = 0, whose text
+        features are then CLIP's own embeddings of the class texts. `train` is unused."""
+        used = self._needed_streams(face_feats, context_feats)
+        feats = {"face": face_feats, "context": context_feats}
+        frames = jnp.concatenate([_l2_normalize(feats[s].astype(jnp.float32)) for s in used], 1)
+        v = _l2_normalize(frames.mean(axis=1))
+        text = self.text_features()
+        logits = self.logit_scale * v @ text.T
+        return logits, {"video_features": v, "text_features": text}
+
+    def _stream_features(self, face: jax.Array | None, context: jax.Array | None) -> dict:
         used = self._needed_streams(face, context)
         clips = {"face": face, "context": context}
         # One pass of the shared image encoder over all frames of all used streams.
         feats = self.encode_frames(jnp.concatenate([clips[s] for s in used], axis=0))
+        return dict(zip(used, jnp.split(feats, len(used), axis=0), strict=True))
+
+    def zero_shot(
+        self, face: jax.Array | None, context: jax.Array | None, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """zero_shot_from_features on pixels (the signature of __call__)."""
+        parts = self._stream_features(face, context)
+        return self.zero_shot_from_features(parts.get("face"), parts.get("context"), train)
+
+    def __call__(
+        self, face: jax.Array | None, context: jax.Array | None, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        parts = self._stream_features(face, context)
         if self.freeze_image_encoder:
             # As the frozen text embeddings: no gradient, hence no backward pass, through it.
-            feats = jax.lax.stop_gradient(feats)
-        parts = dict(zip(used, jnp.split(feats, len(used), axis=0), strict=True))
+            parts = jax.lax.stop_gradient(parts)
         return self.from_features(parts.get("face"), parts.get("context"), train)
 
 
@@ -325,7 +353,7 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 def prompt_texts(model_cfg: Any) -> list[str]:
     """The prompt of each class of the label set: n_ctx context placeholders, then the class
     text of the text type."""
-    prefix = " ".join([tokenizer_lib.CONTEXT_PLACEHOLDER] * model_cfg.prompt.n_ctx)
+    placeholders = [tokenizer_lib.CONTEXT_PLACEHOLDER] * model_cfg.prompt.n_ctx
     try:
         label_set = label_sets.load(model_cfg.label_set)
     except label_sets.LabelSetError as e:
@@ -333,7 +361,7 @@ def prompt_texts(model_cfg: Any) -> list[str]:
             f"config.model.label_set={model_cfg.label_set!r}: {e}"
         ) from e
     texts = label_set.class_texts(model_cfg.prompt.text_type)
-    return [prefix + " " + t for t in texts]
+    return [" ".join([*placeholders, t]) for t in texts]
 
 
 def check_model_config(model_cfg: Any) -> clip_lib.CLIPGeometry:

@@ -208,6 +208,53 @@ def from_hf_state_dict(
     return _unflatten(flat), _geometry(flat, heads)
 
 
+def to_hf_state_dict(params: Mapping) -> dict[str, np.ndarray]:
+    """CLIP params ({"visual", "text"}) -> a transformers CLIPModel state dict: the inverse of
+    from_hf_state_dict (numpy float32, contiguous, as safetensors wants)."""
+    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+    out: dict[str, np.ndarray] = {}
+    v, t = "vision_model", "text_model"
+
+    def linear(src: str, dst: str) -> None:
+        out[f"{dst}.weight"] = flat[f"{src}/kernel"].T
+        out[f"{dst}.bias"] = flat[f"{src}/bias"]
+
+    def norm(src: str, dst: str) -> None:
+        out[f"{dst}.weight"] = flat[f"{src}/scale"]
+        out[f"{dst}.bias"] = flat[f"{src}/bias"]
+
+    def block(src: str, dst: str) -> None:
+        norm(f"{src}/ln_1", f"{dst}.layer_norm1")
+        norm(f"{src}/ln_2", f"{dst}.layer_norm2")
+        for ours, theirs in (
+            ("q", "q_proj"),
+            ("k", "k_proj"),
+            ("v", "v_proj"),
+            ("out", "out_proj"),
+        ):
+            linear(f"{src}/attn/{ours}", f"{dst}.self_attn.{theirs}")
+        linear(f"{src}/fc", f"{dst}.mlp.fc1")
+        linear(f"{src}/proj", f"{dst}.mlp.fc2")
+
+    out[f"{v}.embeddings.patch_embedding.weight"] = flat["visual/conv1/kernel"].transpose(
+        3, 2, 0, 1
+    )
+    out[f"{v}.embeddings.class_embedding"] = flat["visual/class_embedding"]
+    out[f"{v}.embeddings.position_embedding.weight"] = flat["visual/positional_embedding"]
+    norm("visual/ln_pre", f"{v}.pre_layrnorm")
+    for i in range(_layer_count(flat, r"visual/transformer/resblocks_(\d+)/")):
+        block(f"visual/transformer/resblocks_{i}", f"{v}.encoder.layers.{i}")
+    norm("visual/ln_post", f"{v}.post_layernorm")
+    out["visual_projection.weight"] = flat["visual/proj"].T
+    out[f"{t}.embeddings.token_embedding.weight"] = flat["text/token_embedding/embedding"]
+    out[f"{t}.embeddings.position_embedding.weight"] = flat["text/positional_embedding"]
+    for i in range(_layer_count(flat, r"text/transformer/resblocks_(\d+)/")):
+        block(f"text/transformer/resblocks_{i}", f"{t}.encoder.layers.{i}")
+    norm("text/ln_final", f"{t}.final_layer_norm")
+    out["text_projection.weight"] = flat["text/text_projection"].T
+    return {k: np.ascontiguousarray(a) for k, a in out.items()}
+
+
 def from_openai_state_dict(
     state_dict: Mapping[str, Any], prefix: str = "", what: str = "OpenAI CLIP"
 ) -> tuple[dict, CLIPGeometry]:

@@ -3,8 +3,10 @@
 The offline tokenizer (embedded default, `config.model.clip.source = "random"`) is a genuine CLIP
 byte-level BPE -- vocab.json and merges.txt in the layout of OpenAI's vocabulary, loaded by
 transformers' `CLIPTokenizer` so that the real tokenizer code runs -- but its merges are learned
-here from the class texts of every text type in `caer_jax.prompts` plus the context placeholder
-"X". It therefore knows only the words of that corpus (each becomes one token); any other word
+here: first from the class texts of every text type in `caer_jax.prompts` plus the context
+placeholder "X" (each of their words becomes one token), then from the caption vocabulary of the
+synthetic pretraining data (caer_jax.data.captions) until the vocabulary holds VOCAB_BUDGET
+entries (the more frequent caption words become one token, the others a few). Any other word
 falls back to smaller pieces, down to single bytes. Ids: 256 byte symbols, their 256 "</w>"
 (end of word) variants, one id per learned merge, then `<|startoftext|>` and `<|endoftext|>` as
 the two last (largest) ids, so that the argmax of a prompt's ids is its end token, as in CLIP.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,11 +26,14 @@ import numpy as np
 import regex
 
 from caer_jax import errors, prompts
+from caer_jax.data import captions
 from caer_jax.models import hub
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 CONTEXT_PLACEHOLDER = "X"
+# The embedded default's config.model.clip.vocab_size (configs/synthetic_tiny.py).
+VOCAB_BUDGET = 1024
 # CLIP's pre-tokenizer pattern (applied after lower-casing).
 _PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -69,15 +75,30 @@ def _words(texts: list[str]) -> collections.Counter:
     return counts
 
 
-def learn_bpe(texts: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn merges until every word of `texts` is one symbol; returns (vocab, merges).
+def _apply(words: collections.Counter, pair: tuple[str, str]) -> collections.Counter:
+    merged: collections.Counter = collections.Counter()
+    for word, count in words.items():
+        out, i = [], 0
+        while i < len(word):
+            if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                out.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                out.append(word[i])
+                i += 1
+        merged[tuple(out)] += count
+    return merged
 
-    Classic BPE training: repeatedly merge the most frequent adjacent pair (ties broken by the
-    pair itself, so the result is deterministic).
-    """
-    words = _words(texts)
-    merges: list[tuple[str, str]] = []
-    while True:
+
+def _learn_merges(
+    words: collections.Counter, merges: list[tuple[str, str]], limit: float
+) -> collections.Counter:
+    """Classic BPE training: repeatedly merge the most frequent adjacent pair (ties broken by the
+    pair itself, so the result is deterministic) until every word is one symbol or `merges`
+    holds `limit` merges; returns the words as merged."""
+    for pair in merges:
+        words = _apply(words, pair)
+    while len(merges) < limit:
         pairs: collections.Counter = collections.Counter()
         for word, count in words.items():
             for pair in zip(word, word[1:], strict=False):
@@ -86,18 +107,29 @@ def learn_bpe(texts: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        merged = collections.Counter()
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] += count
-        words = merged
+        words = _apply(words, best)
+    return words
+
+
+def learn_bpe(
+    texts: list[str], more_texts: list[str] = (), max_size: int | None = None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Merges until every word of `texts` is one symbol, then merges over `texts` and
+    `more_texts` together until the vocabulary has `max_size` entries (or every word is one
+    symbol); returns (vocab, merges).
+
+    The merges of `texts` come first, so that its words are single tokens whatever `more_texts`
+    holds: a merge of the second phase never applies to them (BPE applies merges by rank, and
+    the first phase's merges make each of those words one symbol).
+    """
+    special = 2 * 256 + 2  # byte symbols, their end-of-word variants, start and end tokens
+    if max_size is not None and max_size < special:
+        raise ValueError(f"max_size must be at least {special}, got {max_size}")
+    merges: list[tuple[str, str]] = []
+    _learn_merges(_words(texts), merges, math.inf)
+    if more_texts:
+        limit = math.inf if max_size is None else max(len(merges), max_size - special)
+        _learn_merges(_words(list(texts) + list(more_texts)), merges, limit)
     base = list(bytes_to_unicode().values())
     symbols = base + [s + "</w>" for s in base] + ["".join(m) for m in merges]
     symbols += [START_TOKEN, END_TOKEN]
@@ -108,7 +140,7 @@ def write_offline_vocab(folder: str | os.PathLike) -> int:
     """Write vocab.json and merges.txt of the offline tokenizer into `folder`; returns its size."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = learn_bpe(corpus_texts())
+    vocab, merges = learn_bpe(corpus_texts(), captions.vocabulary_texts(), VOCAB_BUDGET)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -182,8 +214,9 @@ def load_tokenizer(clip_cfg: Any) -> Any:
 def tokenize(tokenizer: Any, texts: list[str] | tuple[str, ...], context_length: int) -> np.ndarray:
     """Token ids [len(texts), context_length] int32: start, text, end, then zeros (as clip.tokenize)."""
     out = np.zeros((len(texts), context_length), np.int32)
-    for i, text in enumerate(texts):
-        ids = tokenizer(text)["input_ids"]
+    # One call for all texts: the tokenizer's per-call cost is most of a short text's.
+    encoded = tokenizer(list(texts))["input_ids"] if len(texts) else []
+    for i, (text, ids) in enumerate(zip(texts, encoded, strict=True)):
         if ids[0] != tokenizer.bos_token_id or ids[-1] != tokenizer.eos_token_id:
             ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
         if len(ids) > context_length:

@@ -1,0 +1,91 @@
+"""Zero-shot CLIP (`caer_jax.eval --zero_shot`): CLIP's own text embeddings of the class texts
+against the clip's mean L2-normalised frame embeddings, written as every evaluation is."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tiny_runs
+
+from caer_jax import evaluation, label_sets, report
+from caer_jax.models import caer
+from caer_jax.models import clip as clip_lib
+from caer_jax.models import tokenizer as tokenizer_lib
+from caer_jax.prompts import TEXT_TYPES
+
+T, SIZE = 3, 32
+
+
+def _model_config(text_type: str, streams: str):
+    config = evaluation.zero_shot_config(tiny_runs.config({}))
+    c = config.model
+    c.clip.image_size, c.clip.vision_layers, c.clip.text_layers = SIZE, 1, 1
+    c.prompt.text_type, c.streams = text_type, streams
+    return c
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "text_type, streams",
+    [("class_descriptor", "both"), ("class_names", "face"), ("class_descriptor", "context")],
+)
+def test_logits_are_clip_cosines_of_the_class_texts_and_mean_frame_embeddings(text_type, streams):
+    cfg = _model_config(text_type, streams)
+    tok = tokenizer_lib.offline_tokenizer()
+    model, _ = caer.build_model(cfg, tokenizer=tok, num_frames=T)
+    params = caer.init_params(model, cfg, jax.random.key(0))
+    face, context = (
+        jax.random.uniform(k, (2, T, SIZE, SIZE, 3)) for k in jax.random.split(jax.random.key(1))
+    )
+    feed = {"both": (face, context), "face": (face, None), "context": (None, context)}[streams]
+    logits, _ = model.apply({"params": params}, *feed, method="zero_shot")
+
+    # The same numbers through the plain CLIP towers: the class texts alone (no "X" context),
+    # every frame of the used streams embedded (after the config's CLIP pixel normalisation),
+    # normalised, averaged, normalised.
+    assert cfg.pixel_normalization == "clip"
+    clip_towers = clip_lib.CLIP(model.geometry)
+    towers = {"params": {"visual": params["image_encoder"], "text": params["text_encoder"]}}
+
+    def encode_image(x):
+        x = (x - np.asarray(caer.CLIP_PIXEL_MEAN)) / np.asarray(caer.CLIP_PIXEL_STD)
+        return np.asarray(clip_towers.apply(towers, x, method="encode_image"))
+
+    ids = tokenizer_lib.tokenize(tok, TEXT_TYPES[text_type], model.geometry.context_length)
+    text = _unit(np.asarray(clip_towers.apply(towers, ids, method="encode_text")))
+    frames = np.concatenate([x for x in feed if x is not None], axis=1)  # [2, T or 2T, ...]
+    embedded = encode_image(frames.reshape(-1, SIZE, SIZE, 3))
+    video = _unit(_unit(embedded).reshape(2, -1, embedded.shape[-1]).mean(1))
+    np.testing.assert_allclose(logits, cfg.logit_scale * video @ text.T, atol=2e-4)
+    # A clip of one frame repeated is that frame's CLIP classification.
+    still = jax.numpy.repeat(face[:, :1], T, axis=1)
+    single = _unit(encode_image(face[:, 0]))
+    if streams == "face":
+        repeated, _ = model.apply({"params": params}, still, None, method="zero_shot")
+        np.testing.assert_allclose(repeated, cfg.logit_scale * single @ text.T, atol=2e-4)
+
+
+def test_zero_shot_evaluation_writes_a_report_row(tmp_path):
+    config = tiny_runs.config(tiny_runs.overrides(tmp_path, num_clips=20))
+    workdir = tmp_path / "zero_shot"
+    summary = evaluation.evaluate_zero_shot(config, workdir, split="test")
+    written = json.loads((workdir / "metrics.json").read_text())
+    assert written["checkpoint"] == evaluation.ZERO_SHOT and written["step"] == 0
+    assert written["train_config"]["model"]["prompt"]["n_ctx"] == 0
+    assert config.model.prompt.n_ctx == 8  # the caller's config is left alone
+    assert written["num_clips"] == summary["num_clips"] == 4  # the test split of 20 clips
+    assert set(written["bootstrap"]) >= {"uar", "war", "recall", "confidence"}
+    assert (workdir / "confusion_matrix.png").stat().st_size > 0
+    rows = tiny_runs.read_predictions(workdir / "predictions.csv")
+    assert len(rows) == 4
+    probs = tiny_runs.probabilities(rows)
+    np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
+    names = label_sets.load(config.model.label_set).class_names
+    labels = np.array([names.index(r["label"]) for _, r in sorted(rows.items())])
+    assert 100 * np.mean(probs.argmax(-1) == labels) == pytest.approx(written["war"], abs=1e-3)
+    line = next(x for x in report.table([workdir]).splitlines() if x.startswith(str(workdir)))
+    assert line.split()[1:4] == ["both", "test", f"{written['uar']:.2f}"]
