@@ -156,7 +156,7 @@ def test_resume_gives_the_same_weights(four_steps, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_another_config_pretrains_afresh_and_sets_old_checkpoints_aside(four_steps, tmp_path):
+def test_another_config_sets_old_checkpoints_aside_and_never_resumes_them(four_steps, tmp_path):
     config, tmp, result = four_steps
     import shutil
 
@@ -164,17 +164,17 @@ def test_another_config_pretrains_afresh_and_sets_old_checkpoints_aside(four_ste
 
     work = tmp_path / "work"
     shutil.copytree(tmp / "work", work)
+    shutil.rmtree(work / pretrain.EXPORT_DIR)
     changed = config.copy_and_resolve_references()
     changed.optim.lr = 1e-4
-    changed.train.num_steps = 1
-    again = pretrain.pretrain(changed, work)
-    assert not again["reused"] and again["fingerprint"] != result["fingerprint"]
+    data_fp = pretrain_data.fingerprint(changed.data, work / pretrain.TOKENIZER_DIR)
+    new = pretrain.run_fingerprint(changed, data_fp)
+    assert new != result["fingerprint"]
+    pretrain._set_aside_other_run(work, new)  # what pretrain() does first
     assert (work / f"checkpoints.{result['fingerprint']}" / "4").is_dir()
-    assert export.read_fingerprint(again["export"]) == again["fingerprint"]
+    assert not (work / "checkpoints").exists()
     # checkpoints copied in from another run are refused, not resumed from
-    shutil.rmtree(work / "checkpoints")
     shutil.copytree(tmp / "work" / "checkpoints", work / "checkpoints")
-    shutil.rmtree(work / pretrain.EXPORT_DIR)
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="another config or data"):
         pretrain.pretrain(changed, work)
 
@@ -214,13 +214,13 @@ def test_folding_the_pixel_normalisation_is_exact():
     model = clip.CLIP(geometry)
     pixels = np.random.default_rng(1).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
     ids = np.zeros((2, 77), np.int32)
-    params = model.init(jax.random.key(0), pixels, ids)["params"]
-    normalised = pretrain.model_pixels(jnp.asarray(pixels), "clip")
-    want = model.apply({"params": params}, normalised, method=model.encode_image)
+    params = jax.jit(model.init)(jax.random.key(0), pixels, ids)["params"]
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))
+    want = encode(params, pretrain.model_pixels(jnp.asarray(pixels), "clip"))
     folded = export.fold_pixel_normalization(
         jax.device_get(params), caer.CLIP_PIXEL_MEAN, caer.CLIP_PIXEL_STD
     )
-    got = model.apply({"params": folded}, pixels, method=model.encode_image)
+    got = encode(folded, pixels)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
