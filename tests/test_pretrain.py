@@ -156,7 +156,7 @@ def test_resume_gives_the_same_weights(four_steps, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_another_config_pretrains_afresh_and_sets_old_checkpoints_aside(four_steps, tmp_path):
+def test_another_config_sets_old_checkpoints_aside_and_never_resumes_them(four_steps, tmp_path):
     config, tmp, result = four_steps
     import shutil
 
@@ -164,49 +164,67 @@ def test_another_config_pretrains_afresh_and_sets_old_checkpoints_aside(four_ste
 
     work = tmp_path / "work"
     shutil.copytree(tmp / "work", work)
+    shutil.rmtree(work / pretrain.EXPORT_DIR)
     changed = config.copy_and_resolve_references()
     changed.optim.lr = 1e-4
-    changed.train.num_steps = 1
-    again = pretrain.pretrain(changed, work)
-    assert not again["reused"] and again["fingerprint"] != result["fingerprint"]
+    data_fp = pretrain_data.fingerprint(changed.data, work / pretrain.TOKENIZER_DIR)
+    new = pretrain.run_fingerprint(changed, data_fp)
+    assert new != result["fingerprint"]
+    pretrain._set_aside_other_run(work, new)  # what pretrain() does first
     assert (work / f"checkpoints.{result['fingerprint']}" / "4").is_dir()
-    assert export.read_fingerprint(again["export"]) == again["fingerprint"]
+    assert not (work / "checkpoints").exists()
     # checkpoints copied in from another run are refused, not resumed from
-    shutil.rmtree(work / "checkpoints")
     shutil.copytree(tmp / "work" / "checkpoints", work / "checkpoints")
-    shutil.rmtree(work / pretrain.EXPORT_DIR)
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="another config or data"):
         pretrain.pretrain(changed, work)
 
 
-def test_export_loads_as_a_clip_source_and_in_transformers(four_steps):
-    """Our CLIP from the folder on [0, 1] pixels equals transformers' CLIPModel on the same
-    pixels, and the pretrained model on CLIP-normalised pixels (the fold is exact)."""
+def test_export_loads_as_a_clip_source_and_in_transformers_with_the_same_embeddings(tmp_path):
+    """The exported folder, read by our loader (config.model.clip.source) and by transformers'
+    CLIPModel, on [0, 1] pixels gives the embeddings of the weights it was written from on
+    CLIP-normalised pixels (the fold), within 1e-5; the tokenizer read back gives the same ids."""
     import torch
     from transformers import CLIPModel
 
-    config, tmp, result = four_steps
-    folder = str(result["export"])
-    geometry = clip.CLIPGeometry.from_config(config.model.clip)
-    params = clip_weights.load_clip_params(folder, geometry)
-    tok = tokenizer_lib.load_tokenizer(
-        ml_collections.ConfigDict({"source": folder, "vocab_size": 1024})
-    )
-    ids = tokenizer_lib.tokenize(tok, list(prompts.TEXT_TYPES["class_descriptor"]), 77)
-    pixels = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
+    geometry = clip.CLIPGeometry.from_config(pretrain_tiny.get_config().model.clip)
     model = clip.CLIP(geometry)
-    ours_image, ours_text = model.apply({"params": params}, pixels, ids)
+    pixels = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
+    tok = tokenizer_lib.offline_tokenizer(tmp_path / "tokenizer")
+    ids = tokenizer_lib.tokenize(tok, list(prompts.TEXT_TYPES["class_descriptor"]), 77)
+    apply = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    params = jax.device_get(jax.jit(model.init)(jax.random.key(1), pixels, ids)["params"])
+    want_image, want_text = apply(params, pretrain.model_pixels(jnp.asarray(pixels), "clip"), ids)
+    folder = export.write_folder(
+        tmp_path / "clip",
+        params,
+        geometry,
+        tokenizer_dir=tmp_path / "tokenizer",
+        pixel_normalization="clip",
+        logit_scale=20.0,
+        fingerprint="test",
+    )
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        assert (folder / name).is_file(), name
 
-    hf = CLIPModel.from_pretrained(folder).eval()
+    source = ml_collections.ConfigDict({"source": str(folder), "vocab_size": geometry.vocab_size})
+    np.testing.assert_array_equal(
+        tokenizer_lib.tokenize(
+            tokenizer_lib.load_tokenizer(source), list(prompts.TEXT_TYPES["class_descriptor"]), 77
+        ),
+        ids,
+    )
+    ours_image, ours_text = apply(clip_weights.load_clip_params(folder, geometry), pixels, ids)
+    hf = CLIPModel.from_pretrained(str(folder)).eval()
     with torch.no_grad():
-        theirs_image = hf.get_image_features(
-            pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)
-        )
-        theirs_text = hf.get_text_features(input_ids=torch.from_numpy(ids).long())
-    theirs_image = getattr(theirs_image, "pooler_output", theirs_image)
-    theirs_text = getattr(theirs_text, "pooler_output", theirs_text)
-    np.testing.assert_allclose(np.asarray(ours_image), theirs_image.numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(ours_text), theirs_text.numpy(), atol=1e-5)
+        hf_image = hf.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        hf_text = hf.get_text_features(input_ids=torch.from_numpy(ids).long())
+    hf_image = getattr(hf_image, "pooler_output", hf_image).numpy()
+    hf_text = getattr(hf_text, "pooler_output", hf_text).numpy()
+    for got in (ours_image, hf_image):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want_image), atol=1e-5)
+    for got in (ours_text, hf_text):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want_text), atol=1e-5)
+    assert export.read_fingerprint(folder) == "test"
 
 
 def test_folding_the_pixel_normalisation_is_exact():
@@ -214,13 +232,13 @@ def test_folding_the_pixel_normalisation_is_exact():
     model = clip.CLIP(geometry)
     pixels = np.random.default_rng(1).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
     ids = np.zeros((2, 77), np.int32)
-    params = model.init(jax.random.key(0), pixels, ids)["params"]
-    normalised = pretrain.model_pixels(jnp.asarray(pixels), "clip")
-    want = model.apply({"params": params}, normalised, method=model.encode_image)
+    params = jax.jit(model.init)(jax.random.key(0), pixels, ids)["params"]
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))
+    want = encode(params, pretrain.model_pixels(jnp.asarray(pixels), "clip"))
     folded = export.fold_pixel_normalization(
         jax.device_get(params), caer.CLIP_PIXEL_MEAN, caer.CLIP_PIXEL_STD
     )
-    got = model.apply({"params": folded}, pixels, method=model.encode_image)
+    got = encode(folded, pixels)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
