@@ -23,7 +23,7 @@ PROB_TOL = 1e-5
 # features at logit scale 100, the learning rate warming up) to 1.59 (epoch 10), ratio 0.21; the
 # final parameters score train UAR 40.5 % (chance: 20 %) and WAR 56.3 % (predicting the majority
 # class, Neutrality: 37.5 %). Without the warm-up this run settles on the majority class: UAR 20.
-LEARN_EPOCHS = 10
+LEARN_EPOCHS = 20
 LEARN_MAX_LOSS_RATIO = 0.25
 LEARN_MIN_UAR = 30.0
 LEARN_MIN_WAR = 45.0
@@ -133,15 +133,17 @@ def test_eval_cli_restores_the_checkpoint_on_one_device(trained, tmp_path):
 
 
 def test_training_brings_the_loss_down_and_train_accuracy_above_chance(trained):
-    # 40 steps (10 epochs of 4) at a constant learning rate on the module's 32 training clips, with
-    # a smaller model (4 frames, one layer per CLIP tower) for speed; the seeds are the config's.
+    # 80 steps (20 epochs of 4; the learning rate x0.1 for the last 5) on the module's 32 training
+    # clips, with a smaller model (4 frames, one layer per CLIP tower) for speed; the seeds are
+    # the config's. (40 steps at a constant rate sufficed for the class-text tokenizer alone; with
+    # the caption words the random init differs and the epoch loss still bounced at 1.8-2.3.)
     config, _, _ = trained
     root = Path(config.data.synthetic.manual_dir).parent
     settings = tiny_runs.overrides(
         root,
         **{
             "train.num_epochs": LEARN_EPOCHS,
-            "optim.milestones": (LEARN_EPOCHS,),
+            "optim.milestones": (LEARN_EPOCHS - 5,),
             "data.num_segments": 4,
             "model.clip.vision_layers": 1,
             "model.clip.text_layers": 1,
