@@ -78,9 +78,9 @@ def check(config: ml_collections.ConfigDict, splits: list[str]) -> str:
     """Scans `splits` (all of the build's when empty) and their feature caches; returns a summary
     when nothing is damaged, else prints every damaged record and raises DamagedDataError."""
     name, data_dir = config.data.tfds_name, config.data.data_dir or None
-    if not prepare.dataset_exists(config):
-        raise prepare.not_built_error(config)  # else an empty folder would pass as clean
     builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        raise prepare.not_built_error(config)  # else an empty folder would pass as clean
     splits = splits or list(builder.info.splits)
     for split in splits:
         prepare.check_split(config, split)

@@ -23,7 +23,7 @@ from caer_jax.data import synthetic
 from tfds_raer.raer import frame_records
 
 
-def dataset_exists(config: ml_collections.ConfigDict) -> bool:
+def _dataset_exists(config: ml_collections.ConfigDict) -> bool:
     builder = tfds.builder(config.data.tfds_name, data_dir=config.data.data_dir or None)
     if not builder.is_prepared():
         return False
@@ -97,7 +97,7 @@ def check_split(config: ml_collections.ConfigDict, split: str) -> None:
 def prepare_data(config: ml_collections.ConfigDict) -> None:
     """Generates and builds the synthetic dataset when the config asks for it and it is missing;
     checks that the dataset has the classes of config.model.label_set."""
-    if not dataset_exists(config):
+    if not _dataset_exists(config):
         _build(config)
     _check_classes(config)
 
