@@ -4,8 +4,8 @@
 
 Draws the pairs (caer_jax.data.pretrain_data), trains both towers with CLIP's contrastive loss and
 exports a Hugging Face CLIP folder to <workdir>/clip, which configs/synthetic_tiny.py can load
-with config.model.clip.source. The geometry is the embedded default's (tests/test_configs.py
-checks that they agree).
+with config.model.clip.source. It is the embedded default's CLIP: configs/synthetic_tiny.py takes
+its geometry from here.
 """
 
 import ml_collections

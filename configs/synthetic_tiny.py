@@ -14,7 +14,7 @@ needed; the tests use it), with the four departures a random CLIP needs to learn
 
 import ml_collections
 
-from configs import clip_caer_b32
+from configs import clip_caer_b32, pretrain_tiny
 
 # The Hugging Face folder that `caer_jax.pretrain --config=configs/pretrain_tiny.py
 # --workdir=runs/pretrain_tiny` exports (`make demo` runs it first; a rerun reuses it).
@@ -39,18 +39,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.synthetic.seed = 0
     c.data.worker_count = 0  # on 2 cores worker processes only add start-up time
 
-    # The geometry of configs/pretrain_tiny.py's CLIP (checked against the folder's weights).
     c.model.clip.source = PRETRAINED
-    c.model.clip.image_size = 64
-    c.model.clip.patch_size = 16
-    c.model.clip.vision_width = 64
-    c.model.clip.vision_layers = 2
-    c.model.clip.vision_heads = 2
-    c.model.clip.text_width = 64
-    c.model.clip.text_layers = 2
-    c.model.clip.text_heads = 2
-    c.model.clip.vocab_size = 1024
-    c.model.clip.embed_dim = 64
+    # The geometry of the CLIP that configs/pretrain_tiny.py pretrains (also the `scratch`
+    # variant's); loading the folder checks it against the weights.
+    for key, value in pretrain_tiny.get_config().model.clip.items():
+        c.model.clip[key] = value
     c.model.temporal.heads = 4
     c.model.temporal.head_dim = 16
     c.model.temporal.mlp_dim = 128

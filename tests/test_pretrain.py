@@ -242,14 +242,11 @@ def test_folding_the_pixel_normalisation_is_exact():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
-def test_config_has_the_embedded_defaults_geometry_and_values_in_range():
+def test_config_values_are_in_range():
+    # (The embedded default takes its CLIP geometry from this config: they agree by construction.)
     from caer_jax import config_check
-    from configs import synthetic_tiny
 
-    config = pretrain_tiny.get_config()
-    config_check.check(config)
-    tiny = synthetic_tiny.get_config().model.clip
-    assert clip.CLIPGeometry.from_config(config.model.clip) == clip.CLIPGeometry.from_config(tiny)
+    config_check.check(pretrain_tiny.get_config())
 
 
 def test_contrastive_loss_is_low_for_matching_pairs():
