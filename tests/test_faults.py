@@ -54,7 +54,11 @@ def start_training(
 ) -> subprocess.Popen:
     """caer_jax.train on the fault config; `kill_at` (step, moment): killed there by
     tests/killed_training.py."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # PYTHONPATH: the config files import `configs`, which `python -m` finds in the working
+    # directory but a script (killed_training.py) does not: its path starts at tests/.
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO)
+    )
     if kill_at is None:
         program = ["-m", "caer_jax.train"]
     else:
