@@ -42,8 +42,9 @@ from caer_jax.data import pipeline, prefetch, pretrain_data
 from caer_jax.models import caer, clip, export
 from caer_jax.models import tokenizer as tokenizer_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.")
+# The flags are defined when the command starts, not at import (as caer_jax.data.check's): the
+# training module, which tests import beside this one, defines --config and --workdir at import.
+_FLAGS: dict[str, Any] = {}
 
 EXPORT_DIR = "clip"  # the exported Hugging Face folder, inside the workdir
 TOKENIZER_DIR = "tokenizer"
@@ -414,8 +415,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 
 def run(argv=()) -> None:
-    cli.start(argv, config=_CONFIG.value, workdir=_WORKDIR.value)
-    result = pretrain(_CONFIG.value, _WORKDIR.value)
+    config, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
+    cli.start(argv, config=config, workdir=workdir)
+    result = pretrain(config, workdir)
     if result["reused"]:
         print(f"{result['export']} is up to date (pretrained with this config and data): reused")
     else:
@@ -423,6 +425,12 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file.", lock_config=True
+    )
+    _FLAGS["workdir"] = flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, logs and the export."
+    )
     cli.main(run)
 
 
