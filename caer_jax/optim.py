@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -42,6 +43,12 @@ def param_groups(params: Any, *, freeze_image_encoder: bool = False) -> Any:
 
     flat = flax.traverse_util.flatten_dict(params)
     return flax.traverse_util.unflatten_dict({k: group(k, v) for k, v in flat.items()})
+
+
+def flat_groups(params: Any, *, freeze_image_encoder: bool = False) -> dict:
+    """{flattened parameter path: its group} (FROZEN: the optimizer never updates it)."""
+    labels = param_groups(params, freeze_image_encoder=freeze_image_encoder)
+    return flax.traverse_util.flatten_dict(labels)
 
 
 def lr_schedule(base_lr: float, optim_config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -75,6 +82,17 @@ def _group_optimizer(
     )
 
 
+def _named(group: str, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` with its update under the name scope optimizer/<group>, so that the compiled
+    program's operations say which parameter group they update (caer_jax.traffic)."""
+
+    def update(updates, state, params=None):
+        with jax.named_scope(f"optimizer/{group}"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 def make_optimizer(
     params: Any,
     optim_config: ml_collections.ConfigDict,
@@ -93,7 +111,9 @@ def make_optimizer(
     # is the order of the ops in the compiled step, so another order would be another program
     # for the persistent compilation cache.
     transforms = {
-        group: _group_optimizer(optim_config.lr[group], optim_config, steps_per_epoch)
+        group: _named(
+            group, _group_optimizer(optim_config.lr[group], optim_config, steps_per_epoch)
+        )
         for group in sorted(present)
     }
     transforms[FROZEN] = optax.set_to_zero()

@@ -11,7 +11,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
+from caer_jax import optim
 from caer_jax import state as state_lib
 
 
@@ -55,6 +57,12 @@ def train_step(
 ) -> tuple[state_lib.TrainState, dict]:
     """One optimizer step on a global batch; returns the new state and the batch's metrics.
 
+    Gradients are taken with respect to the trainable parameters only: the frozen ones (the text
+    encoder, and the image encoder when config.model.freeze_image_encoder) enter the loss as
+    constants, so no gradient of their weights is computed, normed or stored, and the optimizer
+    neither reads nor writes them (they pass through the step as the buffers they were).
+    `grad_norm` is the global norm of the trainable parameters' gradients.
+
     With grad_accum_steps = A > 1 the batch is cut into A micro-batches of B / A clips
     (`micro_batches`), run one after another (lax.scan) and their gradients averaged: the
     update of one batch of B in about 1/A of the activation memory. Dropout keys: the step's key
@@ -69,40 +77,68 @@ def train_step(
     metrics tells the host, which stops or counts it (config.train.skip_nonfinite).
     """
     rng = jax.random.fold_in(dropout_rng, state.step)
+    groups = optim.flat_groups(
+        state.params, freeze_image_encoder=getattr(model, "freeze_image_encoder", False)
+    )
+    flat = traverse_util.flatten_dict(state.params)
+    trainable = {k: v for k, v in flat.items() if groups[k] != optim.FROZEN}
+    frozen = {k: v for k, v in flat.items() if groups[k] == optim.FROZEN}
+    with_frozen = lambda t: traverse_util.unflatten_dict({**frozen, **t})  # noqa: E731
 
-    def loss_fn(params, micro, key):
+    def loss_fn(trainable_params, micro, key):
         face, context = stream_inputs(micro, streams)
         logits, _ = model.apply(
-            {"params": params}, face, context, train=True, rngs={"dropout": key}, method=method
+            {"params": with_frozen(trainable_params)},
+            face,
+            context,
+            train=True,
+            rngs={"dropout": key},
+            method=method,
         )
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == micro["label"])
-        return cross_entropy(logits, micro["label"]), accuracy
+        with jax.named_scope("loss"):
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == micro["label"])
+            return cross_entropy(logits, micro["label"]), accuracy
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum_steps == 1:
-        (loss, accuracy), grads = grad_fn(state.params, batch, rng)
+        (loss, accuracy), grads = grad_fn(trainable, batch, rng)
     else:
 
         def accumulate(total, xs):
             micro, i = xs
-            (loss, accuracy), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            (loss, accuracy), grads = grad_fn(trainable, micro, jax.random.fold_in(rng, i))
             return jax.tree.map(jnp.add, total, (grads, loss, accuracy)), None
 
         zero = jnp.zeros((), jnp.float32)
-        total = (jax.tree.map(jnp.zeros_like, state.params), zero, zero)
+        total = (jax.tree.map(jnp.zeros_like, trainable), zero, zero)
         xs = (micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps))
         total, _ = jax.lax.scan(accumulate, total, xs)
         # equal micro-batches: the mean of their means is the batch mean
         grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps, total)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    with jax.named_scope("grad_norm"):
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(_):
+        # The frozen group's transform ignores its gradients (optax.set_to_zero): zeros that
+        # the compiler drops, there only to give tx the tree it was built for.
+        zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
+        full = traverse_util.unflatten_dict({**zeros, **grads})
+        updates, opt_state = tx.update(full, state.opt_state, state.params)
+        flat_updates = traverse_util.flatten_dict(updates)
+        new = {}
+        for k, param in trainable.items():
+            with jax.named_scope(f"optimizer/{groups[k]}"):  # for caer_jax.traffic's accounting
+                new[k] = optax.apply_updates(param, flat_updates[k])
+        return new, opt_state
+
+    # A conditional rather than a select between old and new values: the update writes the
+    # parameters and optimizer state once, in place, and a skipped step touches neither.
+    new_trainable, opt_state = jax.lax.cond(
+        finite, update, lambda _: (trainable, state.opt_state), None
+    )
     new_state = state.replace(
-        step=state.step + 1,
-        params=jax.tree.map(keep_if_bad, params, state.params),
-        opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
+        step=state.step + 1, params=with_frozen(new_trainable), opt_state=opt_state
     )
     return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
 

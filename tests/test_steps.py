@@ -6,12 +6,14 @@ fixed random clips.
 """
 
 import functools
+import re
 
+import flax
 import jax
 import numpy as np
 import pytest
 
-from caer_jax import optim, steps
+from caer_jax import hlo, optim, steps
 from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import synthetic_tiny
@@ -107,3 +109,72 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_as_they_were(gra
     assert (int(first.step), int(second.step)) == (1, 2)
     jax.tree.map(np.testing.assert_array_equal, second.params, first.params)
     jax.tree.map(np.testing.assert_array_equal, second.opt_state, first.opt_state)
+
+
+def test_the_step_differentiates_and_updates_only_the_trainable_parameters():
+    # grad_norm is the norm of the trainable parameters' gradients: the frozen text encoder's
+    # weights get none (their gradient, which the prompts' path would give them, is not computed)
+    # and come back as they went in.
+    config = tiny_config()
+    model, params = model_and_params()
+    state, step_fn = train_step(config.optim)
+    batch = random_batch(0)
+    new, metrics = step_fn(state, batch, jax.random.key(3))
+
+    def loss(p):
+        logits, _ = model.apply(
+            {"params": p},
+            batch["face"],
+            batch["context"],
+            train=True,
+            rngs={"dropout": jax.random.fold_in(jax.random.key(3), 0)},
+        )
+        return steps.cross_entropy(logits, batch["label"])
+
+    grads = flax.traverse_util.flatten_dict(jax.grad(loss)(params))
+    groups = optim.flat_groups(params)
+    norm = lambda keys: float(np.sqrt(sum(float(np.sum(np.square(grads[k]))) for k in keys)))
+    trainable = [k for k in grads if groups[k] != optim.FROZEN]
+    assert norm(grads) > 1.001 * norm(trainable)  # the frozen weights would have gradients
+    assert float(metrics["grad_norm"]) == pytest.approx(norm(trainable), rel=1e-4)
+    jax.tree.map(np.testing.assert_array_equal, new.params["text_encoder"], params["text_encoder"])
+
+
+def _compiled_step_hlo(config) -> str:
+    """The optimized HLO text of the train step of `config`, compiled from shapes alone."""
+    model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
+    params = jax.eval_shape(lambda: caer.init_params(model, config.model, jax.random.key(0)))
+    tx = optim.make_optimizer(params, config.optim, steps_per_epoch=4)
+    state = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch(0))
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, streams="both"))
+    return step.lower(state, batch, jax.random.key(0)).compile().as_text()
+
+
+def test_the_compiled_step_has_no_weight_gradient_of_the_frozen_text_encoder():
+    # A text width of its own (48), so that the text MLP's kernels [48, 192] and [192, 48] are
+    # the only parameters of those shapes: a dot producing one of them is a weight gradient.
+    config = tiny_config()
+    config.model.clip.text_width = 48
+    module = hlo.Module.parse(_compiled_step_hlo(config))
+    dots = [i for insts in module.computations.values() for i in insts if i.opcode == "dot"]
+    shapes = [re.match(r"f32\[([\d,]*)\]", d.shape).group(1) for d in dots]
+    # the image encoder's MLP kernel gradient is there: the check reads weight gradients
+    assert {"64,256", "256,64"} & set(shapes), shapes
+    assert not [s for s in shapes if s in ("48,192", "192,48")], shapes
+
+
+def test_a_skipped_step_is_a_conditional_not_a_select_over_the_parameters():
+    # The update runs under lax.cond: parameters and momentum are written once, in place; a
+    # select between old and new values would read both and write a third copy of each.
+    module = hlo.Module.parse(_compiled_step_hlo(tiny_config()))
+    kinds = [i.opcode for insts in module.computations.values() for i in insts]
+    assert "conditional" in kinds
+    kernel = "f32[64,256]"  # the image encoder's MLP kernel
+    selects = [
+        i
+        for insts in module.computations.values()
+        for i in insts
+        if i.opcode == "select" and i.shape.startswith(kernel)
+    ]
+    assert not selects
