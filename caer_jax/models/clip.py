@@ -129,6 +129,39 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+class HeadsDense(nn.Module):
+    """nn.Dense's parameters (`kernel` [width, width], `bias` [width]) between a width axis and
+    a (heads, head_dim) pair of axes: "split" maps [..., width] -> [..., heads, head_dim],
+    "merge" maps [..., heads, head_dim] -> [..., width].
+
+    The same function as nn.Dense followed (or preceded) by a reshape, with the reshape moved
+    onto the weight. On TPU the activations' tiled layouts put width (768) or head_dim (64) in
+    the minor dimension, so reshaping an activation between the two is a copy through HBM (in
+    the forward and again in the backward pass); reshaping the weight is a copy of the weight
+    alone.
+    """
+
+    heads: int
+    mode: str  # "split" or "merge"
+    kernel_init: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1] if self.mode == "split" else x.shape[-2] * x.shape[-1]
+        head_dim = width // self.heads
+        kernel = self.param("kernel", self.kernel_init, (width, width), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (width,), jnp.float32)
+        x = x.astype(self.dtype)
+        if self.mode == "split":
+            kernel = kernel.reshape(width, self.heads, head_dim).astype(self.dtype)
+            return jnp.einsum("...w,whd->...hd", x, kernel) + bias.reshape(
+                self.heads, head_dim
+            ).astype(self.dtype)
+        kernel = kernel.reshape(self.heads, head_dim, width).astype(self.dtype)
+        return jnp.einsum("...hd,hdw->...w", x, kernel) + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """CLIP attention: q/k/v/out Dense layers with bias; optional additive mask."""
 
@@ -141,19 +174,18 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         head_dim = self.width // self.heads
         std = self.width**-0.5
-        dense = lambda name, s: nn.Dense(  # noqa: E731
-            self.width, dtype=self.dtype, kernel_init=_normal(s), name=name
+        dense = lambda name, mode, s: HeadsDense(  # noqa: E731
+            self.heads, mode, _normal(s), self.dtype, name=name
         )
-        split = lambda y: y.reshape(*y.shape[:-1], self.heads, head_dim)  # noqa: E731
-        q = split(dense("q", std)(x))
-        k = split(dense("k", std)(x))
-        v = split(dense("v", std)(x))
+        q = dense("q", "split", std)(x)
+        k = dense("k", "split", std)(x)
+        v = dense("v", "split", std)(x)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
         if mask is not None:
             logits = logits + mask
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape[:-1] + (self.width,))
-        return dense("out", std * (2 * self.layers) ** -0.5)(out)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return dense("out", "merge", std * (2 * self.layers) ** -0.5)(out)
 
 
 class ResidualBlock(nn.Module):
