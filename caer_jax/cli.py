@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections.config_flags.config_flags import is_config_flag
 
-from caer_jax import compilation, config_check, distributed, errors
+from caer_jax import backend, compilation, config_check, distributed, errors
 
 # Libraries whose INFO lines (orbax logs every handler registration, httpx every request to the
 # Hugging Face hub) drown the training log.
@@ -63,6 +63,7 @@ def start(argv, **required_flags) -> None:
         raise errors.BadInputError(f"--workdir={workdir}: is a file; give a folder")
     quiet_library_logs()
     distributed.initialize()
+    backend.initialize()
     compilation.enable_persistent_cache(_COMPILATION_CACHE.value)
 
 

@@ -19,57 +19,26 @@ compiler's needed and available bytes.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-# Read by libtpu when it loads (at the first topology), so set before anything imports jax. This
-# process plans and never runs on a TPU: no query of the Cloud metadata server (169.254.169.254)
-# for the host's TPU type (jax sets this only where it finds no TPU chip; a TPU VM that plans
-# must not ask either), and the CPU as jax's default backend for the little it computes (keys),
-# so that no TPU runtime starts.
-# libtpu also takes /tmp/libtpu_lockfile, which guards a TPU against two processes; compiling
-# touches no TPU, so plans may run side by side (and beside a training on this host's TPU).
-os.environ["TPU_SKIP_MDS_QUERY"] = "1"
-os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from caer_jax import backend, cli, errors, hlo, optim, sharding, traffic, train
+from caer_jax.data import feature_cache, pipeline
+from caer_jax.models import caer
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from caer_jax import cli, errors, optim, sharding, train  # noqa: E402
-from caer_jax.data import feature_cache, pipeline  # noqa: E402
-from caer_jax.models import caer  # noqa: E402
-
-# --config is the training command's own flag (caer_jax.train defines it on import).
-_CONFIG = flags.FLAGS["config"]
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU topology (v5e:2x2, v4:2x2x2) or accelerator type (v4-8, v5litepod-16)."
-)
-_BATCHES = flags.DEFINE_list(
-    "batches", [], "Global batches (clips per step) to plan; empty: config.train.batch_size."
-)
-_PROGRAMS = flags.DEFINE_multi_enum(
-    "programs", ["train", "eval"], ["train", "eval"], "The training loop's programs to compile."
-)
-_OUT = flags.DEFINE_string("out", "", "JSON file for the plan; empty: printed only.")
-_HLO_DIR = flags.DEFINE_string(
-    "hlo_dir", "", "Folder for each compiled program's optimized HLO (PROGRAM_BATCH.hlo.txt)."
-)
-_FAIL_IF_NOT_FITS = flags.DEFINE_bool(
-    "fail_if_not_fits",
-    False,
-    "Exit with status 2 (after the table and JSON) when a train step does not fit a chip's HBM.",
-)
+# The command's flags, defined when it starts (main), not at import.
+_FLAGS: dict[str, Any] = {}
 
 # The LR schedule's length does not change any program's shapes.
 _STEPS_PER_EPOCH = 100
@@ -172,7 +141,8 @@ def topology_devices(chip: Chip, topology: str) -> list:
 
     options = {"chip_config_name": "megacore"} if chip.megacore else {}
     try:
-        return list(topologies.get_topology_desc(topology, "tpu", **options).devices)
+        with backend.quiet_libtpu():  # its first load prints start-up noise on a TPU-less host
+            return list(topologies.get_topology_desc(topology, "tpu", **options).devices)
     except RuntimeError as e:  # jax's "JAX TPU support not installed", or libtpu's refusal
         if "not installed" in str(e):
             raise errors.MissingInputError(
@@ -211,93 +181,6 @@ def per_device_bytes(tree: Any) -> int:
     )
 
 
-# ----------------------------------------------------------------------------- HLO collectives
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4}
-_ITEMSIZE.update({"u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8})
-_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-_OP = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\("
-)
-# A computation's header starts its line (instructions are indented) and opens its body.
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+)")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def _array_bytes(shape_text: str) -> int:
-    """Bytes of the arrays in a shape (a tuple's summed), as logical elements times itemsize."""
-    return sum(
-        _ITEMSIZE.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-        for dtype, dims in _ARRAY.findall(shape_text)
-    )
-
-
-def _tuple_elements(shape_text: str) -> list[str]:
-    """The top-level elements of a tuple shape "(a, (b, c), d)"; [shape] for an array."""
-    shape_text = shape_text.strip()
-    if not shape_text.startswith("("):
-        return [shape_text]
-    elements, depth, start = [], 0, 1
-    for i, char in enumerate(shape_text):
-        if char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        if (char == "," and depth == 1) or depth == 0:
-            elements.append(shape_text[start:i])
-            start = i + 1
-        if depth == 0:
-            break
-    return elements
-
-
-def collectives(hlo_text: str) -> dict:
-    """{kind: {"count", "bytes"}} of the collectives one device runs per call of the compiled
-    program `hlo_text` (its as_text()).
-
-    Bytes are those of each op's result (the gathered array of an all-gather, the shard of a
-    reduce-scatter); the result of an asynchronous *-start op (but all-reduce-start) is the
-    tuple (operands, results, contexts...), of which the results count. Ops inside a while loop (gradient accumulation's scan) count
-    once per iteration where the compiler recorded the trip count.
-    """
-    ops: dict[str, list[tuple[str, int]]] = {}  # computation -> [(kind, bytes)]
-    loops: dict[str, list[tuple[str, int]]] = {}  # computation -> [(body, trips)]
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            current = header.group(1)
-            if line.startswith("ENTRY"):
-                entry = current
-            continue
-        loop = _WHILE.search(line)
-        if loop and current:
-            trips = _TRIP_COUNT.search(line)
-            loops.setdefault(current, []).append(
-                (loop.group(1), int(trips.group(1)) if trips else 1)
-            )
-        op = _OP.match(line)
-        if op and current:
-            shape, kind = op.group(1), op.group(2)
-            if op.group(3) and kind != "all-reduce":  # (operands, results, contexts...)
-                shape = _tuple_elements(shape)[1]
-            ops.setdefault(current, []).append((kind, _array_bytes(shape)))
-    totals = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-
-    def visit(computation: str, times: int) -> None:
-        for kind, size in ops.get(computation, []):
-            totals[kind]["count"] += times
-            totals[kind]["bytes"] += times * size
-        for body, trips in loops.get(computation, []):
-            visit(body, times * trips)
-
-    if entry:
-        visit(entry, 1)
-    return {kind: value for kind, value in totals.items() if value["count"]}
-
-
 # ----------------------------------------------------------------------------- one program
 
 # The TPU compiler's two refusals for memory (sizes as XLA prints them: 1024-based units):
@@ -326,10 +209,23 @@ def refusal_bytes(message: str) -> tuple[int, int] | None:
 
 
 def plan_program(
-    name: str, jitted, args: tuple, *, chip: Chip, batch_size: int, chips: int, hlo_dir: str = ""
+    name: str,
+    jitted,
+    args: tuple,
+    *,
+    chip: Chip,
+    batch_size: int,
+    chips: int,
+    hlo_dir: str = "",
+    breakdown: bool = False,
 ):
     """The row of one program: compiled for the topology, or refused by the compiler. With
-    `hlo_dir`, the compiled program's text (layouts, collectives) is written there."""
+    `hlo_dir`, the compiled program's text (layouts, collectives) is written there; with
+    `breakdown`, the row has its bytes and FLOPs by model part (caer_jax.traffic).
+
+    Whether it fits is judged by the compiler's peak of live memory where the runtime reports
+    one: the sum of arguments, outputs and temporaries over-counts buffers that are never live
+    at the same time (and would refuse configs that fit)."""
     row: dict[str, Any] = {"program": name, "batch": batch_size}
     start = time.time()
     try:
@@ -357,6 +253,7 @@ def plan_program(
     }
     # Donated inputs share their buffers with the outputs they alias.
     memory["total"] = sum(memory.values()) - 2 * memory["aliased"]
+    memory["peak"] = getattr(m, "peak_memory_in_bytes", 0) or memory["total"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0))
@@ -365,21 +262,29 @@ def plan_program(
     if hlo_dir:
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
         (Path(hlo_dir) / f"{name}_{batch_size}.hlo.txt").write_text(text)
-    found = collectives(text)
+    if breakdown:
+        row["breakdown"] = {
+            part: dataclasses.asdict(entry) for part, entry in traffic.breakdown(text).items()
+        }
+    # The compiler's count adds the traffic of on-chip memory (v4's CMEM prefetches and their
+    # reassembly count twice or more); the HBM bound divides only what moves to or from HBM.
+    in_hbm = float(sum(op.hbm_bytes for op in hlo.op_costs(text)))
+    found = hlo.collectives(text)
     ici_bytes = sum(v["bytes"] for v in found.values())
     bounds = {
         "compute_s": flops / chip.peak_flops,
-        "hbm_s": accessed / chip.hbm_bytes_per_s,
+        "hbm_s": in_hbm / chip.hbm_bytes_per_s,
         "ici_s": ici_bytes / chip.ici_bytes_per_s,
     }
     step_s = max(bounds.values())
     estimate = float(cost.get("optimal_seconds", -1.0))
     row.update(
-        fits=memory["total"] <= chip.hbm_bytes,
+        fits=memory["peak"] <= chip.hbm_bytes,
         memory=memory,
         hbm_bytes=chip.hbm_bytes,
         flops=flops,
         bytes_accessed=accessed,
+        bytes_accessed_in_hbm=in_hbm,
         collectives=found,
         roofline={**bounds, "step_s": step_s, "bound": max(bounds, key=bounds.get)[:-2]},
         compiler_estimate_s=estimate if estimate > 0 else None,
@@ -407,17 +312,36 @@ def check_batches(batches: Sequence[int], config, chips: int) -> None:
             )
 
 
+def largest_fitting_batch(fits, unit: int, start: int) -> int:
+    """The largest multiple of `unit` for which `fits(batch)` holds (0 if `unit` does not fit),
+    taking fitting to be monotone in the batch: doubling from `start` (rounded to a multiple of
+    `unit`) until a batch does not fit, then bisection between the last that fit and that one.
+    Each call of `fits` is a compilation, so the search asks about log2 of the range times."""
+    low, high = 0, max(unit, start // unit * unit)
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > unit:
+        middle = (low + high) // 2 // unit * unit
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def make_plan(
     config: ml_collections.ConfigDict,
     topology: str,
-    batches: Sequence[int],
+    batches: Sequence[int] | None,
     programs: Sequence[str] = ("train", "eval"),
     hlo_dir: str = "",
+    breakdown: bool = False,
 ) -> dict:
-    """The plan of `config` on `topology` for each global batch (see the module docstring)."""
+    """The plan of `config` on `topology` for each global batch (see the module docstring);
+    `batches` None: the largest batch whose train step fits, found by compiling (the probes
+    are in the plan's "search"). With `breakdown`, train rows have the bytes and FLOPs by model
+    part and the analytic minimum of the step's traffic (caer_jax.traffic)."""
     chip, name = resolve_topology(topology)
     devices = topology_devices(chip, name)
-    check_batches(batches, config, len(devices))
+    if batches is not None:
+        check_batches(batches, config, len(devices))
     config = ml_collections.ConfigDict(config.to_dict())
     # The program does not depend on the weights' values; random ones need no download.
     config.model.clip.source = "random"
@@ -448,19 +372,58 @@ def make_plan(
         "measurements",
         "rows": [],
     }
-    for batch_size in batches:
+
+    def rows(batch_size: int, names: Sequence[str]) -> list[dict]:
         batch = abstract_batch(config, model, batch_size, mesh)
-        common = {"chip": chip, "batch_size": batch_size, "chips": len(devices), "hlo_dir": hlo_dir}
         compiled = {
             "train": (setup.step_fn, (state, batch, setup.dropout_rng)),
             "eval": (setup.eval_fn, (state.params, batch)),
         }
-        for name_ in programs:
-            jitted, args = compiled[name_]
-            logging.info("compiling the %s step for batch %d on %s", name_, batch_size, name)
-            row = plan_program(name_, jitted, args, **common)
+        out = []
+        for program in names:
+            jitted, args = compiled[program]
+            logging.info("compiling the %s step for batch %d on %s", program, batch_size, name)
+            row = plan_program(
+                program,
+                jitted,
+                args,
+                chip=chip,
+                batch_size=batch_size,
+                chips=len(devices),
+                hlo_dir=hlo_dir,
+                breakdown=breakdown and program == "train",
+            )
             row["batch_bytes_per_chip"] = per_device_bytes(batch)
-            plan["rows"].append(row)
+            if "breakdown" in row:
+                row["minimum"] = traffic.analytic_minimum(
+                    config,
+                    setup.abstract.params,
+                    batch_size=batch_size,
+                    chips=len(devices),
+                    fsdp=mesh.shape["fsdp"],
+                    n_cls=model.n_cls,
+                )
+                row["bytes_over_minimum"] = row["bytes_accessed"] / row["minimum"]["total"]
+            out.append(row)
+        return out
+
+    if batches is None:
+        unit = len(devices) * config.train.grad_accum_steps
+        plan["search"] = []
+
+        def fits(batch_size: int) -> bool:
+            (row,) = rows(batch_size, ["train"])
+            plan["search"].append({"batch": batch_size, "fits": row["fits"]})
+            return row["fits"]
+
+        batches = [largest_fitting_batch(fits, unit, config.train.batch_size)]
+        if not batches[0]:
+            raise errors.BadInputError(
+                f"{topology}: not even {unit} clips per step fit (config.train.grad_accum_steps "
+                f"{config.train.grad_accum_steps}); try FSDP (--config.mesh.fsdp) or remat"
+            )
+    for batch_size in batches:
+        plan["rows"] += rows(batch_size, programs)
     return plan
 
 
@@ -501,16 +464,17 @@ def table(plan: dict) -> str:
     lines = [
         head,
         "",
-        "| program | batch | fits | GB per chip: args / out / temp / total | TFLOP per chip "
-        "| collectives (count, MB) | bound: compute / HBM / ICI ms | compiler ms "
+        "| program | batch | fits | GB per chip: args / out / temp / peak | TFLOP per chip "
+        "| GB accessed: all / in HBM | collectives (count, MB) "
+        "| bound: compute / HBM / ICI ms | compiler ms "
         "| clips/s per chip | clips/s slice | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in plan["rows"]:
         if not r["fits"] and "memory" not in r:
             lines.append(
                 f"| {r['program']} | {r['batch']} | no: needs {_gb(r['needed_bytes'])} of "
-                f"{_gb(r['available_bytes'])} GB | | | | | | | | {r['compile_s']:.0f} |"
+                f"{_gb(r['available_bytes'])} GB | | | | | | | | | {r['compile_s']:.0f} |"
             )
             continue
         m, b = r["memory"], r["roofline"]
@@ -521,31 +485,85 @@ def table(plan: dict) -> str:
         lines.append(
             f"| {r['program']} | {r['batch']} | {'yes' if r['fits'] else 'no'} "
             f"| {_gb(m['arguments'])} / {_gb(m['outputs'])} / {_gb(m['temporaries'])} / "
-            f"{_gb(m['total'])} | {r['flops'] / 1e12:.3f} | {found or 'none'} "
+            f"{_gb(m['peak'])} | {r['flops'] / 1e12:.3f} "
+            f"| {_gb(r['bytes_accessed'])} / {_gb(r['bytes_accessed_in_hbm'])} | {found or 'none'} "
             f"| {b['compute_s'] * 1e3:.2f} / {b['hbm_s'] * 1e3:.2f} / {b['ici_s'] * 1e3:.2f} "
             f"| {'-' if estimate is None else f'{estimate * 1e3:.2f}'} "
             f"| {r['predicted_clips_per_s_per_chip']:.0f} | {r['predicted_clips_per_s_slice']:.0f} "
             f"| {r['compile_s']:.0f} |"
         )
+    if plan.get("search"):
+        probes = ", ".join(f"{p['batch']} {'yes' if p['fits'] else 'no'}" for p in plan["search"])
+        lines += ["", f"largest batch that fits, by compiling: {probes}"]
+    for r in plan["rows"]:
+        if "breakdown" in r:
+            lines += ["", breakdown_table(r)]
     return "\n".join(lines)
 
 
+def breakdown_table(row: dict, top: int = 12) -> str:
+    """Where a train row's bytes go, by model part, beside the analytic minimum."""
+    parts = sorted(row["breakdown"].items(), key=lambda kv: -_part_bytes(kv[1]))
+    counted = sum(_part_bytes(e) for _, e in parts)
+    minimum = row["minimum"]
+    lines = [
+        f"train step, batch {row['batch']}: {_gb(row['bytes_accessed'])} GB accessed per chip "
+        f"(the compiler's count; {_gb(counted)} GB in its operations below, "
+        f"{_gb(row['bytes_accessed_in_hbm'])} GB of them in HBM), analytic minimum "
+        f"{_gb(minimum['total'])} GB: {row['bytes_over_minimum']:.2f}x "
+        f"({row['bytes_accessed_in_hbm'] / minimum['total']:.2f}x of what is in HBM)",
+        "",
+        "| part | GB forward | GB backward | GB copies | GB | of which in HBM | TFLOP |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for part, e in parts[:top]:
+        lines.append(
+            f"| {part} | {_gb(e['bytes_forward'])} | {_gb(e['bytes_backward'])} "
+            f"| {_gb(e['copies'])} | {_gb(_part_bytes(e))} | {_gb(e['in_hbm'])} "
+            f"| {e['flops'] / 1e12:.3f} |"
+        )
+    rest = parts[top:]
+    if rest:
+        lines.append(
+            f"| {len(rest)} more parts | | | | {_gb(sum(_part_bytes(e) for _, e in rest))} | | |"
+        )
+    lines += [
+        "",
+        "analytic minimum: "
+        + "; ".join(f"{k} {_gb(v)}" for k, v in minimum.items() if k != "total")
+        + " (GB)",
+    ]
+    return "\n".join(lines)
+
+
+def _part_bytes(entry: dict) -> float:
+    return entry["bytes_forward"] + entry["bytes_backward"] + entry["copies"]
+
+
 def run(argv=()) -> None:
-    cli.start(argv, config=_CONFIG.value, topology=_TOPOLOGY.value)
-    config = _CONFIG.value
-    try:
-        batches = [int(b) for b in _BATCHES.value] or [config.train.batch_size]
-    except ValueError as e:
-        raise errors.BadInputError(f"--batches={','.join(_BATCHES.value)}: {e}") from e
-    plan = make_plan(config, _TOPOLOGY.value, batches, _PROGRAMS.value, _HLO_DIR.value)
+    f = {name: holder.value for name, holder in _FLAGS.items()}
+    cli.start(argv, config=f["config"], topology=f["topology"])
+    config = f["config"]
+    if f["batches"] == ["max"]:
+        batches = None
+    else:
+        try:
+            batches = [int(b) for b in f["batches"]] or [config.train.batch_size]
+        except ValueError as e:
+            raise errors.BadInputError(
+                f"--batches={','.join(f['batches'])}: {e} (give clip counts, or max)"
+            ) from e
+    plan = make_plan(
+        config, f["topology"], batches, f["programs"], f["hlo_dir"], breakdown=f["breakdown"]
+    )
     plan["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     print(table(plan))
-    if _OUT.value:
-        Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-        Path(_OUT.value).write_text(json.dumps(plan, indent=2) + "\n")
-        print(f"wrote {_OUT.value}")
+    if f["out"]:
+        Path(f["out"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(f["out"]).write_text(json.dumps(plan, indent=2) + "\n")
+        print(f"wrote {f['out']}")
     too_large = [r for r in plan["rows"] if r["program"] == "train" and not r["fits"]]
-    if _FAIL_IF_NOT_FITS.value and too_large:
+    if f["fail_if_not_fits"] and too_large:
         raise errors.BadInputError(
             f"{plan['config']} on {plan['topology']}: "
             + "; ".join(f"the train step of batch {r['batch']} {_shortfall(r)}" for r in too_large)
@@ -556,11 +574,48 @@ def _shortfall(row: dict) -> str:
     if "needed_bytes" in row:  # refused by the compiler
         needed, available = row["needed_bytes"], row["available_bytes"]
     else:
-        needed, available = row["memory"]["total"], row["hbm_bytes"]
+        needed, available = row["memory"]["peak"], row["hbm_bytes"]
     return f"needs {_gb(needed)} GB per chip, {_gb(available)} GB available"
 
 
+def define_flags() -> None:
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file (the training command's).", lock_config=True
+    )
+    _FLAGS["topology"] = flags.DEFINE_string(
+        "topology",
+        None,
+        "TPU topology (v5e:2x2, v4:2x2x2) or accelerator type (v4-8, v5litepod-16).",
+    )
+    _FLAGS["batches"] = flags.DEFINE_list(
+        "batches",
+        [],
+        "Global batches (clips per step) to plan; empty: config.train.batch_size; max: the "
+        "largest whose train step fits a chip, found by compiling (bisection).",
+    )
+    _FLAGS["programs"] = flags.DEFINE_multi_enum(
+        "programs", ["train", "eval"], ["train", "eval"], "The training loop's programs to compile."
+    )
+    _FLAGS["out"] = flags.DEFINE_string("out", "", "JSON file for the plan; empty: printed only.")
+    _FLAGS["hlo_dir"] = flags.DEFINE_string(
+        "hlo_dir", "", "Folder for each compiled program's optimized HLO (PROGRAM_BATCH.hlo.txt)."
+    )
+    _FLAGS["breakdown"] = flags.DEFINE_bool(
+        "breakdown",
+        False,
+        "Also give the train step's bytes and FLOPs by model part, beside the analytic minimum "
+        "of its memory traffic (caer_jax.traffic).",
+    )
+    _FLAGS["fail_if_not_fits"] = flags.DEFINE_bool(
+        "fail_if_not_fits",
+        False,
+        "Exit with status 2 (after the table and JSON) when a train step does not fit a chip's HBM.",
+    )
+
+
 def main() -> None:
+    backend.prepare_compile_only()
+    define_flags()
     cli.main(run)
 
 

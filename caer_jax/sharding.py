@@ -11,8 +11,7 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from caer_jax import errors
@@ -44,10 +43,12 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over all devices of all processes (or `devices`)."""
+    """A ("data", "fsdp") mesh over all devices of all processes (or `devices`), in the order
+    jax.make_mesh gives them: on TPU slices, neighbours on the chips' torus are neighbours on
+    the mesh's axes. Axes are Auto: shardings are given, not carried by types."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
