@@ -75,8 +75,8 @@ class TemporalBlock(nn.Module):
         q, k, v = (
             t.reshape(*t.shape[:-1], self.heads, self.head_dim) for t in jnp.split(qkv, 3, -1)
         )
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
-        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        attn = clip_lib.attention_weights(logits, self.head_dim**-0.5)
         h = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(*x.shape[:-1], inner)
         x = x + drop(_torch_linear(self.dim, inner, dtype=self.dtype, name="to_out")(h))
         h = ln("mlp_norm")(x)

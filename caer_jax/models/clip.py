@@ -11,6 +11,7 @@ float32). `remat=True` rematerialises every residual block in the backward pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -129,6 +130,38 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention_weights(logits: jax.Array, scale: float, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(logits * scale + mask) over the last axis, computed in float32 and returned (and
+    kept for the backward pass) in the logits' dtype.
+
+    In a bfloat16 model the scores and probabilities are the largest tensors of attention
+    (batch x heads x tokens x tokens, padded on TPU to tiles of 8 x 128): jax.nn.softmax on
+    float32 logits writes and keeps them in float32. Here the float32 arithmetic stays inside
+    the fused kernels and only the narrow tensors are stored. In a float32 model it is the plain
+    softmax.
+    """
+    return _attention_weights_fwd(logits, scale, mask)[0]
+
+
+def _attention_weights_fwd(logits, scale, mask):
+    x = logits.astype(jnp.float32) * scale
+    if mask is not None:
+        x = x + mask
+    weights = jax.nn.softmax(x, axis=-1).astype(logits.dtype)
+    return weights, (weights, mask)
+
+
+def _attention_weights_bwd(scale, residuals, g):
+    weights, mask = residuals
+    y, g = weights.astype(jnp.float32), g.astype(jnp.float32)
+    grad = y * (g - jnp.sum(g * y, axis=-1, keepdims=True)) * scale
+    return grad.astype(weights.dtype), None if mask is None else jnp.zeros_like(mask)
+
+
+attention_weights.defvjp(_attention_weights_fwd, _attention_weights_bwd)
+
+
 class HeadsDense(nn.Module):
     """nn.Dense's parameters (`kernel` [width, width], `bias` [width]) between a width axis and
     a (heads, head_dim) pair of axes: "split" maps [..., width] -> [..., heads, head_dim],
@@ -180,10 +213,8 @@ class MultiHeadAttention(nn.Module):
         q = dense("q", "split", std)(x)
         k = dense("k", "split", std)(x)
         v = dense("v", "split", std)(x)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-        if mask is not None:
-            logits = logits + mask
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        weights = attention_weights(logits, head_dim**-0.5, mask)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return dense("out", "merge", std * (2 * self.layers) ** -0.5)(out)
 
