@@ -33,10 +33,19 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from caer_jax import bench_end_to_end, cli, compilation, errors, optim, profiling, sharding, steps
+from caer_jax import (
+    bench_end_to_end,
+    cli,
+    compilation,
+    config_files,
+    errors,
+    optim,
+    profiling,
+    sharding,
+    steps,
+)
 from caer_jax import state as state_lib
 from caer_jax.models import caer
-from configs import clip_caer_b32, synthetic_tiny
 
 RAER_CLIPS = 2700
 RAER_TRAIN_CLIPS = RAER_CLIPS * 4 // 5  # train is about 4x test
@@ -475,7 +484,7 @@ def measure(scratch: Path, cache: Path, flag: cli.Flags) -> dict:
         "host_allocator": host_allocator(),
         "matmul_flops_per_s": peak,
         "tiny": bench_model(
-            synthetic_tiny.get_config("scratch"),
+            config_files.load("synthetic_tiny").get_config("scratch"),
             8,
             flag.repeats.value,
             functools.partial(reference, "float32"),
@@ -483,7 +492,7 @@ def measure(scratch: Path, cache: Path, flag: cli.Flags) -> dict:
     }
     if flag.feature_cache.value:
         results["feature_cache"] = bench_feature_cache(
-            clip_caer_b32.get_config(),
+            config_files.load("clip_caer_b32").get_config(),
             num_clips=flag.cache_clips.value,
             pixel_steps=flag.pixel_steps.value,
             cache_steps=flag.cache_steps.value,
@@ -496,7 +505,7 @@ def measure(scratch: Path, cache: Path, flag: cli.Flags) -> dict:
     if not flag.skip_paper.value:
         results["paper_b32"] = []
         for dtype, batch in itertools.product(flag.paper_dtypes.value, flag.paper_batches.value):
-            paper = clip_caer_b32.get_config()
+            paper = config_files.load("clip_caer_b32").get_config()
             paper.model.dtype = dtype
             profile = flag.profile_dir.value if not results["paper_b32"] else ""
             results["paper_b32"].append(
@@ -511,7 +520,7 @@ def measure(scratch: Path, cache: Path, flag: cli.Flags) -> dict:
             print_model("paper_b32", results["paper_b32"][-1])
     if not flag.skip_data.value:
         results["pipeline"] = bench_pipeline(
-            synthetic_tiny.get_config(), flag.pipeline_batches.value
+            config_files.load("synthetic_tiny").get_config(), flag.pipeline_batches.value
         )
     if flag.build_clips.value and not flag.skip_data.value:
         results["build_224px"] = bench_build(flag.build_clips.value)

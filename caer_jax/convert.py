@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from caer_jax import cli, errors, label_sets
+from caer_jax import cli, config_files, errors, label_sets
 from caer_jax.models import caer, clip_weights
 from caer_jax.models.clip_weights import WeightsError, _np
 
@@ -182,9 +182,7 @@ def convert_state_dict(
 ) -> tuple[caer.CLIPCAER, dict, dict[str, Any]]:
     """(model, params, overrides) from an official state dict; see `convert_official`."""
     if model_cfg is None:
-        from configs import clip_caer_b32
-
-        model_cfg = clip_caer_b32.get_config().model
+        model_cfg = config_files.load("clip_caer_b32").get_config().model
     cfg = copy.deepcopy(model_cfg)
     unknown = sorted(k for k in sd if not k.startswith(_GROUPS))
     if unknown:

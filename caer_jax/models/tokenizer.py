@@ -198,8 +198,9 @@ def load_tokenizer(clip_cfg: Any) -> Any:
         )
     else:
         raise errors.MissingInputError(
-            f"config.model.clip.source={source!r}: no such file or folder (give a Hugging Face "
-            'CLIP folder, a hub id such as "openai/clip-vit-base-patch32", or "random")'
+            f"config.model.clip.source={errors.named_path(source)}: no such file or folder (give "
+            'a Hugging Face CLIP folder, a hub id such as "openai/clip-vit-base-patch32", or '
+            '"random")'
         )
     # transformers builds a tokenizer of the special tokens alone when it finds no vocabulary (an
     # empty folder, or a hub id without network); it would turn every prompt into unknown bytes.
