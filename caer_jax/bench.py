@@ -54,6 +54,12 @@ RAER_TRAIN_CLIPS = RAER_CLIPS * 4 // 5  # train is about 4x test
 def define_flags() -> dict[str, flags.FlagHolder]:
     return {
         "out": flags.DEFINE_string("out", None, "Write the figures to this JSON file too."),
+        "storage": flags.DEFINE_bool(
+            "storage",
+            False,
+            "Only the storage figures: each encoding of the RAER builder on photographs, through "
+            "the input pipeline (caer_jax/bench_storage.py; needs scikit-image).",
+        ),
         "repeats": flags.DEFINE_integer("repeats", 5, "Timed calls per measurement."),
         "paper_batches": flags.DEFINE_list(
             "paper_batches", ["8"], "Clips per step at the paper geometry (each is measured)."
@@ -433,6 +439,20 @@ def host_allocator() -> str:
 def run(argv: list[str], flag: cli.Flags) -> None:
     if len(argv) > 1:
         raise errors.BadInputError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if flag.storage.value:
+        from caer_jax import bench_storage  # TFDS and grain, which --skip_data does without
+
+        results = bench_storage.figures()
+        print(json.dumps(results, indent=1), flush=True)
+    else:
+        results = _measured(flag)
+    if flag.out.value:
+        with open(flag.out.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def _measured(flag: cli.Flags) -> dict:
+    """The speed figures (the module docstring's), printed."""
     with tempfile.TemporaryDirectory(prefix="caer_bench_") as scratch:
         # A compilation cache of this run alone, empty at the start: the end-to-end cold start
         # is cold, and the step timed here is the same program as the training run's (a hit).
@@ -440,9 +460,7 @@ def run(argv: list[str], flag: cli.Flags) -> None:
         compilation.enable_persistent_cache(str(cache))
         results = measure(Path(scratch), cache, flag)
     report(results)
-    if flag.out.value:
-        with open(flag.out.value, "w") as f:
-            json.dump(results, f, indent=2)
+    return results
 
 
 def measure(scratch: Path, cache: Path, flag: cli.Flags) -> dict:

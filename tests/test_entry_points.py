@@ -156,3 +156,16 @@ def test_importing_every_command_defines_no_flag(tmp_path):
     assert any(module.startswith("grain") for module in defined), defined  # the check can see
     ours = {m: names for m, names in defined.items() if m.split(".")[0] in OUR_PACKAGES}
     assert ours == {}
+
+
+def test_the_builder_and_the_tokenizer_import_no_data_code(tmp_path):
+    # Imports run one way: the input pipeline and the caption generator (caer_jax.data) build on
+    # the builder and the models, not the other way round.
+    script = (
+        "import sys, tfds_raer.raer.benchmark, tfds_raer.raer.raer_dataset_builder, "
+        "caer_jax.models.tokenizer\n"
+        "print(sorted(m for m in sys.modules if m.startswith('caer_jax.data')))"
+    )
+    result = run([sys.executable, "-c", script], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
