@@ -138,6 +138,7 @@ COMMAND_MODULES = [
     "caer_jax.data.check",
     "caer_jax.eval",
     "caer_jax.predict",
+    "caer_jax.pretrain",
     "caer_jax.report",
 ]
 OUR_PACKAGES = ("caer_jax", "tfds_raer", "configs", "__main__")
