@@ -23,14 +23,21 @@ from absl import flags
 from caer_jax import cli, metrics, train
 from caer_jax.models import caer
 
-# --config and --workdir are caer_jax.train's own flags (--workdir: the folder of the runs).
-_CONFIG, _WORKDIR = train._CONFIG, train._WORKDIR
-flags.adopt_module_key_flags(train)  # --help lists them with this command's own flags
-_STREAMS = flags.DEFINE_list("streams", ["face", "context", "both"], "config.model.streams values.")
-_TEXT_TYPES = flags.DEFINE_list(
-    "text_types", ["class_descriptor", "class_names"], "config.model.prompt.text_type values."
-)
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values.")
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+    return {
+        "config": cli.define_config_flag(help_string="Config file of every run of the grid."),
+        "workdir": flags.DEFINE_string("workdir", None, "Folder of the runs and the table."),
+        "streams": flags.DEFINE_list(
+            "streams", ["face", "context", "both"], "config.model.streams values."
+        ),
+        "text_types": flags.DEFINE_list(
+            "text_types",
+            ["class_descriptor", "class_names"],
+            "config.model.prompt.text_type values.",
+        ),
+        "seeds": flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values."),
+    }
 
 
 def run_grid(config, workdir: Path, streams, text_types, seeds) -> list[dict]:
@@ -89,10 +96,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(argv=()) -> None:
-    cli.start(argv, config=_CONFIG.value, workdir=_WORKDIR.value)
-    workdir = Path(_WORKDIR.value)
-    rows = run_grid(_CONFIG.value, workdir, _STREAMS.value, _TEXT_TYPES.value, _SEEDS.value)
+def run(argv: list[str], flag: cli.Flags) -> None:
+    cli.start(argv, config=flag.config.value, workdir=flag.workdir.value)
+    workdir = Path(flag.workdir.value)
+    rows = run_grid(
+        flag.config.value, workdir, flag.streams.value, flag.text_types.value, flag.seeds.value
+    )
     text = table(rows)
     print(text)
     (workdir / "ablation.md").write_text(text + "\n")
@@ -100,7 +109,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    cli.main(run)
+    cli.main(run, define_flags)
 
 
 if __name__ == "__main__":

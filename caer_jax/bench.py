@@ -33,66 +33,110 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from caer_jax import bench_end_to_end, cli, compilation, errors, optim, profiling, sharding, steps
+from caer_jax import (
+    bench_end_to_end,
+    cli,
+    compilation,
+    config_files,
+    errors,
+    optim,
+    profiling,
+    sharding,
+    steps,
+)
 from caer_jax import state as state_lib
 from caer_jax.models import caer
-from configs import clip_caer_b32, synthetic_tiny
 
 RAER_CLIPS = 2700
 RAER_TRAIN_CLIPS = RAER_CLIPS * 4 // 5  # train is about 4x test
 
-_OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file too.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
-_PAPER_BATCHES = flags.DEFINE_list(
-    "paper_batches", ["8"], "Clips per step at the paper geometry (each is measured)."
-)
-_SKIP_PAPER = flags.DEFINE_bool("skip_paper", False, "Skip the (slow on CPU) ViT-B/32 geometry.")
-_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 40, "Batches timed in the pipeline.")
-_BUILD_CLIPS = flags.DEFINE_integer("build_clips", 12, "RAER-length clips to build (0: skip).")
-_SKIP_DATA = flags.DEFINE_bool(
-    "skip_data", False, "Model figures only (no TFDS/grain needed, e.g. on an accelerator host)."
-)
-_MATMUL_SIZE = flags.DEFINE_integer(
-    "matmul_size", 4096, "Side of the reference matmul (8192 saturates an H100/H200)."
-)
-_PAPER_DTYPES = flags.DEFINE_list(
-    "paper_dtypes", ["float32"], "Compute dtypes of the ViT-B/32 runs (each is measured)."
-)
-_PROFILE_DIR = flags.DEFINE_string(
-    "profile_dir",
-    "",
-    "Write a jax.profiler trace (with a Perfetto JSON) of a few steps of the first paper run "
-    "here, and print the device's busiest operations.",
-)
-_END_TO_END = flags.DEFINE_bool(
-    "end_to_end",
-    False,
-    "Also run the training loop at the paper geometry (caer_jax/bench_end_to_end.py): start-up "
-    "cold and warm, training and eval clips/s with the pipeline, step alone, pipeline per core.",
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "End to end: a TFDS data_dir with raer/224px built (default: synthetic)."
-)
-_E2E_CLIPS = flags.DEFINE_integer("e2e_clips", 24, "End to end: synthetic RAER-length clips.")
-_E2E_BATCH = flags.DEFINE_integer("e2e_batch", 2, "End to end: global batch (clips per step).")
-_E2E_EPOCHS = flags.DEFINE_integer("e2e_epochs", 1, "End to end: training epochs per run.")
-_E2E_WORKERS = flags.DEFINE_list(
-    "e2e_workers", ["0", "1", "2"], "End to end: grain worker counts of the pipeline figures."
-)
-_E2E_REPEAT = flags.DEFINE_integer(
-    "e2e_repeat",
-    1,
-    "End to end: store every clip this many times (many steps from a small carried build).",
-)
-_E2E_PIPELINE_BATCHES = flags.DEFINE_integer(
-    "e2e_pipeline_batches", 24, "End to end: batches timed per pipeline worker count."
-)
-_FEATURE_CACHE = flags.DEFINE_bool(
-    "feature_cache", False, "Also measure the feature cache against pixels (frozen encoder)."
-)
-_CACHE_CLIPS = flags.DEFINE_integer("cache_clips", 10, "Synthetic clips for --feature_cache.")
-_PIXEL_STEPS = flags.DEFINE_integer("pixel_steps", 2, "Timed pixel-path steps (--feature_cache).")
-_CACHE_STEPS = flags.DEFINE_integer("cache_steps", 30, "Timed cached steps (--feature_cache).")
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+    return {
+        "out": flags.DEFINE_string("out", None, "Write the figures to this JSON file too."),
+        "storage": flags.DEFINE_bool(
+            "storage",
+            False,
+            "Only the storage figures: each encoding of the RAER builder on photographs, through "
+            "the input pipeline (caer_jax/bench_storage.py; needs scikit-image).",
+        ),
+        "repeats": flags.DEFINE_integer("repeats", 5, "Timed calls per measurement."),
+        "paper_batches": flags.DEFINE_list(
+            "paper_batches", ["8"], "Clips per step at the paper geometry (each is measured)."
+        ),
+        "skip_paper": flags.DEFINE_bool(
+            "skip_paper", False, "Skip the (slow on CPU) ViT-B/32 geometry."
+        ),
+        "pipeline_batches": flags.DEFINE_integer(
+            "pipeline_batches", 40, "Batches timed in the pipeline."
+        ),
+        "build_clips": flags.DEFINE_integer(
+            "build_clips", 12, "RAER-length clips to build (0: skip)."
+        ),
+        "skip_data": flags.DEFINE_bool(
+            "skip_data",
+            False,
+            "Model figures only (no TFDS/grain needed, e.g. on an accelerator host).",
+        ),
+        "matmul_size": flags.DEFINE_integer(
+            "matmul_size", 4096, "Side of the reference matmul (8192 saturates an H100/H200)."
+        ),
+        "paper_dtypes": flags.DEFINE_list(
+            "paper_dtypes", ["float32"], "Compute dtypes of the ViT-B/32 runs (each is measured)."
+        ),
+        "profile_dir": flags.DEFINE_string(
+            "profile_dir",
+            "",
+            "Write a jax.profiler trace (with a Perfetto JSON) of a few steps of the first "
+            "paper run here, and print the device's busiest operations.",
+        ),
+        "end_to_end": flags.DEFINE_bool(
+            "end_to_end",
+            False,
+            "Also run the training loop at the paper geometry (caer_jax/bench_end_to_end.py): "
+            "start-up cold and warm, training and eval clips/s with the pipeline, step alone, "
+            "pipeline per core.",
+        ),
+        "data_dir": flags.DEFINE_string(
+            "data_dir",
+            "",
+            "End to end: a TFDS data_dir with raer/224px built (default: synthetic).",
+        ),
+        "e2e_clips": flags.DEFINE_integer(
+            "e2e_clips", 24, "End to end: synthetic RAER-length clips."
+        ),
+        "e2e_batch": flags.DEFINE_integer(
+            "e2e_batch", 2, "End to end: global batch (clips per step)."
+        ),
+        "e2e_epochs": flags.DEFINE_integer("e2e_epochs", 1, "End to end: training epochs per run."),
+        "e2e_workers": flags.DEFINE_list(
+            "e2e_workers",
+            ["0", "1", "2"],
+            "End to end: grain worker counts of the pipeline figures.",
+        ),
+        "e2e_repeat": flags.DEFINE_integer(
+            "e2e_repeat",
+            1,
+            "End to end: store every clip this many times (many steps from a small carried build).",
+        ),
+        "e2e_pipeline_batches": flags.DEFINE_integer(
+            "e2e_pipeline_batches", 24, "End to end: batches timed per pipeline worker count."
+        ),
+        "feature_cache": flags.DEFINE_bool(
+            "feature_cache",
+            False,
+            "Also measure the feature cache against pixels (frozen encoder).",
+        ),
+        "cache_clips": flags.DEFINE_integer(
+            "cache_clips", 10, "Synthetic clips for --feature_cache."
+        ),
+        "pixel_steps": flags.DEFINE_integer(
+            "pixel_steps", 2, "Timed pixel-path steps (--feature_cache)."
+        ),
+        "cache_steps": flags.DEFINE_integer(
+            "cache_steps", 30, "Timed cached steps (--feature_cache)."
+        ),
+    }
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -392,29 +436,41 @@ def host_allocator() -> str:
     return "jemalloc" if "libjemalloc" in maps else "system"
 
 
-def run(argv=()) -> None:
+def run(argv: list[str], flag: cli.Flags) -> None:
     if len(argv) > 1:
         raise errors.BadInputError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if flag.storage.value:
+        from caer_jax import bench_storage  # TFDS and grain, which --skip_data does without
+
+        results = bench_storage.figures()
+        print(json.dumps(results, indent=1), flush=True)
+    else:
+        results = _measured(flag)
+    if flag.out.value:
+        with open(flag.out.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def _measured(flag: cli.Flags) -> dict:
+    """The speed figures (the module docstring's), printed."""
     with tempfile.TemporaryDirectory(prefix="caer_bench_") as scratch:
         # A compilation cache of this run alone, empty at the start: the end-to-end cold start
         # is cold, and the step timed here is the same program as the training run's (a hit).
         cache = Path(scratch) / "compilation_cache"
         compilation.enable_persistent_cache(str(cache))
-        results = measure(Path(scratch), cache)
+        results = measure(Path(scratch), cache, flag)
     report(results)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(results, f, indent=2)
+    return results
 
 
-def measure(scratch: Path, cache: Path) -> dict:
-    """Every figure the flags ask for; `scratch` is a temporary folder, `cache` the persistent
-    compilation cache this process uses."""
+def measure(scratch: Path, cache: Path, flag: cli.Flags) -> dict:
+    """Every figure the flags (of define_flags) ask for; `scratch` is a temporary folder, `cache`
+    the persistent compilation cache this process uses."""
     reference = functools.partial(
-        matmul_flops_per_second, n=_MATMUL_SIZE.value, repeats=_REPEATS.value
+        matmul_flops_per_second, n=flag.matmul_size.value, repeats=flag.repeats.value
     )
     results = {}
-    if _END_TO_END.value:
+    if flag.end_to_end.value:
         # First, before this process starts JAX's backend: the training processes it spawns must
         # have the accelerator to themselves, as a real run does. JAX preallocates 75 % of a
         # GPU's memory in the first process to use it, which left the training process too
@@ -422,19 +478,19 @@ def measure(scratch: Path, cache: Path) -> dict:
         results["end_to_end"] = bench_end_to_end.run(
             scratch,
             cache,
-            data_dir=_DATA_DIR.value or None,
-            num_clips=_E2E_CLIPS.value,
-            batch_size=_E2E_BATCH.value,
-            epochs=_E2E_EPOCHS.value,
-            dtype=_PAPER_DTYPES.value[0],
-            worker_counts=[int(w) for w in _E2E_WORKERS.value],
-            pipeline_batches=_E2E_PIPELINE_BATCHES.value,
-            repeat_clips=_E2E_REPEAT.value,
+            data_dir=flag.data_dir.value or None,
+            num_clips=flag.e2e_clips.value,
+            batch_size=flag.e2e_batch.value,
+            epochs=flag.e2e_epochs.value,
+            dtype=flag.paper_dtypes.value[0],
+            worker_counts=[int(w) for w in flag.e2e_workers.value],
+            pipeline_batches=flag.e2e_pipeline_batches.value,
+            repeat_clips=flag.e2e_repeat.value,
             measure_step=lambda config, steps_per_epoch: bench_model(
                 config,
-                _E2E_BATCH.value,
-                max(2, _REPEATS.value // 2),
-                functools.partial(reference, _PAPER_DTYPES.value[0]),
+                flag.e2e_batch.value,
+                max(2, flag.repeats.value // 2),
+                functools.partial(reference, flag.paper_dtypes.value[0]),
                 steps_per_epoch,
             ),
         )
@@ -446,44 +502,46 @@ def measure(scratch: Path, cache: Path) -> dict:
         "host_allocator": host_allocator(),
         "matmul_flops_per_s": peak,
         "tiny": bench_model(
-            synthetic_tiny.get_config("scratch"),
+            config_files.load("synthetic_tiny").get_config("scratch"),
             8,
-            _REPEATS.value,
+            flag.repeats.value,
             functools.partial(reference, "float32"),
         ),
     }
-    if _FEATURE_CACHE.value:
+    if flag.feature_cache.value:
         results["feature_cache"] = bench_feature_cache(
-            clip_caer_b32.get_config(),
-            num_clips=_CACHE_CLIPS.value,
-            pixel_steps=_PIXEL_STEPS.value,
-            cache_steps=_CACHE_STEPS.value,
+            config_files.load("clip_caer_b32").get_config(),
+            num_clips=flag.cache_clips.value,
+            pixel_steps=flag.pixel_steps.value,
+            cache_steps=flag.cache_steps.value,
         )
     print(
         f"device {results['device']} x{results['num_devices']} ({results['host_allocator']} "
         f"malloc): matmul {peak / 1e9:.1f} GFLOP/s"
     )
     print_model("tiny", results["tiny"])
-    if not _SKIP_PAPER.value:
+    if not flag.skip_paper.value:
         results["paper_b32"] = []
-        for dtype, batch in itertools.product(_PAPER_DTYPES.value, _PAPER_BATCHES.value):
-            paper = clip_caer_b32.get_config()
+        for dtype, batch in itertools.product(flag.paper_dtypes.value, flag.paper_batches.value):
+            paper = config_files.load("clip_caer_b32").get_config()
             paper.model.dtype = dtype
-            profile = _PROFILE_DIR.value if not results["paper_b32"] else ""
+            profile = flag.profile_dir.value if not results["paper_b32"] else ""
             results["paper_b32"].append(
                 bench_model(
                     paper,
                     int(batch),
-                    max(2, _REPEATS.value // 2),
+                    max(2, flag.repeats.value // 2),
                     functools.partial(reference, dtype),
                     profile_dir=profile,
                 )
             )
             print_model("paper_b32", results["paper_b32"][-1])
-    if not _SKIP_DATA.value:
-        results["pipeline"] = bench_pipeline(synthetic_tiny.get_config(), _PIPELINE_BATCHES.value)
-    if _BUILD_CLIPS.value and not _SKIP_DATA.value:
-        results["build_224px"] = bench_build(_BUILD_CLIPS.value)
+    if not flag.skip_data.value:
+        results["pipeline"] = bench_pipeline(
+            config_files.load("synthetic_tiny").get_config(), flag.pipeline_batches.value
+        )
+    if flag.build_clips.value and not flag.skip_data.value:
+        results["build_224px"] = bench_build(flag.build_clips.value)
     return results
 
 
@@ -533,7 +591,7 @@ def report(results: dict) -> None:
 
 
 def main() -> None:
-    cli.main(run)
+    cli.main(run, define_flags)
 
 
 if __name__ == "__main__":

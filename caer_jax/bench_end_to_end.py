@@ -32,9 +32,9 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from configs import clip_caer_b32
+from caer_jax import config_files
 
-REPO = Path(clip_caer_b32.__file__).parent.parent
+REPO = config_files.CONFIG_DIR.parent
 
 
 def build_raer_length_clips(
@@ -106,7 +106,7 @@ def paper_config(
 ) -> ml_collections.ConfigDict:
     """The paper's config on `data_dir` with random CLIP weights (speed does not depend on the
     values; nothing is downloaded) and the given batch, epochs and compute dtype."""
-    config = clip_caer_b32.get_config()
+    config = config_files.load("clip_caer_b32").get_config()
     config.model.clip.source = "random"
     config.data.data_dir = str(data_dir)
     config.train.batch_size = batch_size
@@ -130,11 +130,15 @@ def _overrides(config: ml_collections.ConfigDict, base: ml_collections.ConfigDic
 
 
 def train_process(
-    config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path, config_module=clip_caer_b32
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    cache_dir: Path,
+    config_name: str = "clip_caer_b32",
 ) -> dict:
-    """Runs `python -m caer_jax.train` for `config` (given as overrides of `config_module`'s)
+    """Runs `python -m caer_jax.train` for `config` (given as overrides of configs/<config_name>)
     in a new process; returns its speed.json with the wall time from spawning the process to its
     first finished step."""
+    config_module = config_files.load(config_name)
     command = [
         sys.executable,
         "-m",

@@ -2,8 +2,13 @@
 `caer_jax.errors` (one `error:` line, exit status 2, for any mistake of the user's), argument
 checks, log hygiene, the persistent compilation cache, and joining a multi-process job.
 
-    def run(argv): cli.start(argv, config=_CONFIG.value, workdir=_WORKDIR.value); ...
-    def main(): cli.main(run)
+A command defines its flags when it runs, not when it is imported (a library module, or a test,
+imports several commands in one process, and absl refuses a flag defined twice):
+
+    def define_flags() -> dict[str, flags.FlagHolder]:
+        return {"config": cli.define_config_flag(), "workdir": flags.DEFINE_string(...)}
+    def run(argv, flag: cli.Flags): cli.start(argv, config=flag.config.value, ...); ...
+    def main(): cli.main(run, define_flags)
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import os
 import re
 import sys
 import traceback
+import types
 from collections.abc import Callable, Sequence
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import is_config_flag
 
 from caer_jax import backend, compilation, config_check, distributed, errors
@@ -26,12 +33,30 @@ from caer_jax import backend, compilation, config_check, distributed, errors
 # Hugging Face hub) drown the training log.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/httpx")
 
-_COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache",
-    compilation.DEFAULT_CACHE_DIR,
-    "Directory of JAX's persistent compilation cache (compiled programs reused by the next run, "
-    "resume or eval of the same config); empty: off.",
-)
+_COMPILATION_CACHE = "compilation_cache"
+
+# The flags that this module's helpers define belong to the command that calls them (its --help
+# lists them as its own).
+flags.disclaim_key_flags()
+
+# A command's flags by name (`flag.config.value`), as its define_flags returned them.
+Flags = types.SimpleNamespace
+
+
+def define_config_flag(name: str = "config", help_string: str = "Config file.") -> flags.FlagHolder:
+    """A --config flag: an ml_collections config file (`path[:variant]`), locked against new
+    fields, its values settable as --config.a.b=VALUE."""
+    return config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
+
+
+def define_common_flags() -> None:
+    """The flags of every command: --compilation_cache."""
+    flags.DEFINE_string(
+        _COMPILATION_CACHE,
+        compilation.DEFAULT_CACHE_DIR,
+        "Directory of JAX's persistent compilation cache (compiled programs reused by the next "
+        "run, resume or eval of the same config); empty: off.",
+    )
 
 
 class _LibraryInfoFilter(py_logging.Filter):
@@ -64,17 +89,24 @@ def start(argv, **required_flags) -> None:
     quiet_library_logs()
     distributed.initialize()
     backend.initialize()
-    compilation.enable_persistent_cache(_COMPILATION_CACHE.value)
+    compilation.enable_persistent_cache(flags.FLAGS[_COMPILATION_CACHE].value)
 
 
-def main(run: Callable[[list[str]], object]) -> None:
-    """`app.run(run)` in the error style of caer_jax.errors: a flag or config mistake, or a
-    UserError raised by `run`, prints one `error:` line and exits with status 2. --help (or -h)
-    prints the command's docstring and flags and exits with status 0."""
+def main(
+    run: Callable[..., object],
+    define_flags: Callable[[], dict[str, flags.FlagHolder]] | None = None,
+) -> None:
+    """Defines the common flags and the command's (`define_flags()`, passed to `run(argv, flag)`
+    as a Flags; without define_flags `run(argv)` reads flags of its own), then `app.run(run)` in
+    the error style of caer_jax.errors: a flag or config mistake, or a UserError raised by `run`,
+    prints one `error:` line and exits with status 2. --help (or -h) prints the command's
+    docstring and flags and exits with status 0."""
+    define_common_flags()
+    command_flags = None if define_flags is None else Flags(**define_flags())
 
     def guarded(argv: list[str]) -> object:
         with errors.reported():
-            return run(argv)
+            return run(argv) if command_flags is None else run(argv, command_flags)
 
     def parse(argv: list[str]) -> list[str]:
         given = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
@@ -92,10 +124,11 @@ _HELP_FLAGS = {"--help", "-help", "--helpshort", "-helpshort", "-?", "-h"}
 
 
 def usage(module) -> str:
-    """The help of the command whose `run` is in `module`: its docstring, the flags it defines
-    or adopts (absl files those of a module run with -m under sys.argv[0]) and this module's."""
+    """The help of the command whose `run` is in `module`: its docstring and the flags it
+    defines, those of this module's helpers included (absl files the flags of a module run with
+    -m under sys.argv[0])."""
     name = sys.argv[0] if module.__name__ == "__main__" else module.__name__
-    listed = "\n".join(flags.FLAGS.module_help(m) for m in (name, __name__))
+    listed = flags.FLAGS.module_help(name)
     text = (module.__doc__ or "").strip()
     return f"{text}\n\nflags:\n{listed}\n\n--helpfull lists every flag, those of the libraries too."
 

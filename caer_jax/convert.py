@@ -32,9 +32,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
+from ml_collections import config_flags
 
-from caer_jax import errors, label_sets
+from caer_jax import cli, config_files, errors, label_sets
 from caer_jax.models import caer, clip_weights
 from caer_jax.models.clip_weights import WeightsError, _np
 
@@ -181,9 +182,7 @@ def convert_state_dict(
 ) -> tuple[caer.CLIPCAER, dict, dict[str, Any]]:
     """(model, params, overrides) from an official state dict; see `convert_official`."""
     if model_cfg is None:
-        from configs import clip_caer_b32
-
-        model_cfg = clip_caer_b32.get_config().model
+        model_cfg = config_files.load("clip_caer_b32").get_config().model
     cfg = copy.deepcopy(model_cfg)
     unknown = sorted(k for k in sd if not k.startswith(_GROUPS))
     if unknown:
@@ -391,31 +390,30 @@ def main_convert(
     return changed
 
 
+def define_flags() -> dict[str, flags.FlagHolder]:
+    return {
+        "config": cli.define_config_flag(),
+        "official": flags.DEFINE_string("official", None, "The authors' model_best.pth."),
+        "workdir": flags.DEFINE_string("workdir", None, "Empty workdir for the orbax checkpoint."),
+    }
+
+
+def run(argv: list[str], flag: cli.Flags) -> None:
+    official, config, workdir = flag.official.value, flag.config.value, flag.workdir.value
+    cli.start(argv, official=official, config=config, workdir=workdir)
+    # The config keys set on the command line ("model.clip.text_heads"): a head count given there
+    # applies to the checkpoint's width, whatever width the config file has.
+    given = set(config_flags.get_override_values(flags.FLAGS[flag.config.name]))
+    changed = main_convert(official, config, workdir, given)
+    print(f"wrote step 0 to {workdir}/checkpoints")
+    if changed:
+        print("the checkpoint differs from the config; pass these to train/eval:")
+        print(" ".join(f"--config.{k}={v[1]}" for k, v in changed.items()))
+    print(f"evaluate: python -m caer_jax.eval --config=... --workdir={workdir} --step=latest")
+
+
 def main() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    from caer_jax import cli
-
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    official = flags.DEFINE_string("official", None, "The authors' model_best.pth.")
-    workdir = flags.DEFINE_string("workdir", None, "Empty workdir for the orbax checkpoint.")
-
-    def run(argv):
-        cli.start(argv, official=official.value, config=config_flag.value, workdir=workdir.value)
-        # The config keys set on the command line ("model.clip.text_heads"): a head count given
-        # there applies to the checkpoint's width, whatever width the config file has.
-        given = set(config_flags.get_override_values(flags.FLAGS[config_flag.name]))
-        changed = main_convert(official.value, config_flag.value, workdir.value, given)
-        print(f"wrote step 0 to {workdir.value}/checkpoints")
-        if changed:
-            print("the checkpoint differs from the config; pass these to train/eval:")
-            print(" ".join(f"--config.{k}={v[1]}" for k, v in changed.items()))
-        print(
-            f"evaluate: python -m caer_jax.eval --config=... --workdir={workdir.value} --step=latest"
-        )
-
-    cli.main(run)
+    cli.main(run, define_flags)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ from absl import app
 EXIT_STATUS = 2  # as argparse and most Unix tools use for a usage error
 
 
+def named_path(path: str | os.PathLike) -> str:
+    """`path` quoted, with the folder a relative path was looked up in: configs name their files
+    relative to the working directory, and a command run elsewhere misses them."""
+    text = os.fspath(path)
+    return repr(text) if os.path.isabs(text) else f"{text!r} (relative to {os.getcwd()})"
+
+
 class UserError(Exception):
     """A mistake in the input of a command; the message says which input and what to do."""
 

@@ -13,36 +13,41 @@ outputs.
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
 
 from caer_jax import cli, errors, evaluation
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number.")
-_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
-_ZERO_SHOT = flags.DEFINE_bool(
-    "zero_shot", False, "Zero-shot CLIP of config.model.clip.source: no checkpoint (no --step)."
-)
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+    return {
+        "config": cli.define_config_flag(),
+        "workdir": flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/."),
+        "step": flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number."),
+        "split": flags.DEFINE_string(
+            "split", None, "Split to evaluate (default: config.data.eval_split)."
+        ),
+        "zero_shot": flags.DEFINE_bool(
+            "zero_shot",
+            False,
+            "Zero-shot CLIP of config.model.clip.source: no checkpoint (no --step).",
+        ),
+    }
 
 
-def run(argv=()) -> None:
-    cli.start(argv, config=_CONFIG.value, workdir=_WORKDIR.value)
-    config = _CONFIG.value
-    split = _SPLIT.value or config.data.eval_split
-    if _ZERO_SHOT.value:
-        if _STEP.present:
+def run(argv: list[str], flag: cli.Flags) -> None:
+    config, workdir = flag.config.value, flag.workdir.value
+    cli.start(argv, config=config, workdir=workdir)
+    split = flag.split.value or config.data.eval_split
+    if flag.zero_shot.value:
+        if flag.step.present:
             raise errors.BadInputError(
-                f"--step={_STEP.value} with --zero_shot: zero-shot evaluates no checkpoint; "
+                f"--step={flag.step.value} with --zero_shot: zero-shot evaluates no checkpoint; "
                 "drop one of the two"
             )
-        summary = evaluation.evaluate_zero_shot(config, _WORKDIR.value, split=split)
+        summary = evaluation.evaluate_zero_shot(config, workdir, split=split)
     else:
-        summary = evaluation.evaluate_checkpoint(
-            config, _WORKDIR.value, step=_STEP.value, split=split
-        )
+        summary = evaluation.evaluate_checkpoint(config, workdir, step=flag.step.value, split=split)
     intervals = summary["bootstrap"]
-    where = "zero-shot" if _ZERO_SHOT.value else f"step {summary['step']}"
+    where = "zero-shot" if flag.zero_shot.value else f"step {summary['step']}"
 
     def ci(bounds: list[float] | None) -> str:
         return "" if bounds is None else f" [{bounds[0]:.2f}, {bounds[1]:.2f}]"
@@ -61,7 +66,7 @@ def run(argv=()) -> None:
 
 
 def main() -> None:
-    cli.main(run)
+    cli.main(run, define_flags)
 
 
 if __name__ == "__main__":

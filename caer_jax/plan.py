@@ -37,9 +37,6 @@ from caer_jax import backend, cli, errors, hlo, optim, sharding, traffic, train
 from caer_jax.data import feature_cache, pipeline
 from caer_jax.models import caer
 
-# The command's flags, defined when it starts (main), not at import.
-_FLAGS: dict[str, Any] = {}
-
 # The LR schedule's length does not change any program's shapes.
 _STEPS_PER_EPOCH = 100
 GB = 1e9
@@ -540,30 +537,34 @@ def _part_bytes(entry: dict) -> float:
     return entry["bytes_forward"] + entry["bytes_backward"] + entry["copies"]
 
 
-def run(argv=()) -> None:
-    f = {name: holder.value for name, holder in _FLAGS.items()}
-    cli.start(argv, config=f["config"], topology=f["topology"])
-    config = f["config"]
-    if f["batches"] == ["max"]:
+def run(argv: list[str], flag: cli.Flags) -> None:
+    config, topology = flag.config.value, flag.topology.value
+    cli.start(argv, config=config, topology=topology)
+    if flag.batches.value == ["max"]:
         batches = None
     else:
         try:
-            batches = [int(b) for b in f["batches"]] or [config.train.batch_size]
+            batches = [int(b) for b in flag.batches.value] or [config.train.batch_size]
         except ValueError as e:
             raise errors.BadInputError(
-                f"--batches={','.join(f['batches'])}: {e} (give clip counts, or max)"
+                f"--batches={','.join(flag.batches.value)}: {e} (give clip counts, or max)"
             ) from e
     plan = make_plan(
-        config, f["topology"], batches, f["programs"], f["hlo_dir"], breakdown=f["breakdown"]
+        config,
+        topology,
+        batches,
+        flag.programs.value,
+        flag.hlo_dir.value,
+        breakdown=flag.breakdown.value,
     )
     plan["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     print(table(plan))
-    if f["out"]:
-        Path(f["out"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(f["out"]).write_text(json.dumps(plan, indent=2) + "\n")
-        print(f"wrote {f['out']}")
+    if flag.out.value:
+        Path(flag.out.value).parent.mkdir(parents=True, exist_ok=True)
+        Path(flag.out.value).write_text(json.dumps(plan, indent=2) + "\n")
+        print(f"wrote {flag.out.value}")
     too_large = [r for r in plan["rows"] if r["program"] == "train" and not r["fits"]]
-    if f["fail_if_not_fits"] and too_large:
+    if flag.fail_if_not_fits.value and too_large:
         raise errors.BadInputError(
             f"{plan['config']} on {plan['topology']}: "
             + "; ".join(f"the train step of batch {r['batch']} {_shortfall(r)}" for r in too_large)
@@ -578,45 +579,50 @@ def _shortfall(row: dict) -> str:
     return f"needs {_gb(needed)} GB per chip, {_gb(available)} GB available"
 
 
-def define_flags() -> None:
-    _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file (the training command's).", lock_config=True
-    )
-    _FLAGS["topology"] = flags.DEFINE_string(
-        "topology",
-        None,
-        "TPU topology (v5e:2x2, v4:2x2x2) or accelerator type (v4-8, v5litepod-16).",
-    )
-    _FLAGS["batches"] = flags.DEFINE_list(
-        "batches",
-        [],
-        "Global batches (clips per step) to plan; empty: config.train.batch_size; max: the "
-        "largest whose train step fits a chip, found by compiling (bisection).",
-    )
-    _FLAGS["programs"] = flags.DEFINE_multi_enum(
-        "programs", ["train", "eval"], ["train", "eval"], "The training loop's programs to compile."
-    )
-    _FLAGS["out"] = flags.DEFINE_string("out", "", "JSON file for the plan; empty: printed only.")
-    _FLAGS["hlo_dir"] = flags.DEFINE_string(
-        "hlo_dir", "", "Folder for each compiled program's optimized HLO (PROGRAM_BATCH.hlo.txt)."
-    )
-    _FLAGS["breakdown"] = flags.DEFINE_bool(
-        "breakdown",
-        False,
-        "Also give the train step's bytes and FLOPs by model part, beside the analytic minimum "
-        "of its memory traffic (caer_jax.traffic).",
-    )
-    _FLAGS["fail_if_not_fits"] = flags.DEFINE_bool(
-        "fail_if_not_fits",
-        False,
-        "Exit with status 2 (after the table and JSON) when a train step does not fit a chip's HBM.",
-    )
+def define_flags() -> dict[str, flags.FlagHolder]:
+    return {
+        "config": cli.define_config_flag(help_string="Config file (the training command's)."),
+        "topology": flags.DEFINE_string(
+            "topology",
+            None,
+            "TPU topology (v5e:2x2, v4:2x2x2) or accelerator type (v4-8, v5litepod-16).",
+        ),
+        "batches": flags.DEFINE_list(
+            "batches",
+            [],
+            "Global batches (clips per step) to plan; empty: config.train.batch_size; max: the "
+            "largest whose train step fits a chip, found by compiling (bisection).",
+        ),
+        "programs": flags.DEFINE_multi_enum(
+            "programs",
+            ["train", "eval"],
+            ["train", "eval"],
+            "The training loop's programs to compile.",
+        ),
+        "out": flags.DEFINE_string("out", "", "JSON file for the plan; empty: printed only."),
+        "hlo_dir": flags.DEFINE_string(
+            "hlo_dir",
+            "",
+            "Folder for each compiled program's optimized HLO (PROGRAM_BATCH.hlo.txt).",
+        ),
+        "breakdown": flags.DEFINE_bool(
+            "breakdown",
+            False,
+            "Also give the train step's bytes and FLOPs by model part, beside the analytic "
+            "minimum of its memory traffic (caer_jax.traffic).",
+        ),
+        "fail_if_not_fits": flags.DEFINE_bool(
+            "fail_if_not_fits",
+            False,
+            "Exit with status 2 (after the table and JSON) when a train step does not fit a "
+            "chip's HBM.",
+        ),
+    }
 
 
 def main() -> None:
     backend.prepare_compile_only()
-    define_flags()
-    cli.main(run)
+    cli.main(run, define_flags)
 
 
 if __name__ == "__main__":

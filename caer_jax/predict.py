@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 from etils import epath
-from ml_collections import config_flags
 from PIL import Image
 
 from caer_jax import checkpoint, cli, errors, label_sets, predict_figure
@@ -273,43 +272,34 @@ def format_result(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-# The flags are defined when the command starts, not at import: caer_jax.train (a library module
-# too) defines --config and --workdir at import, and tests import both modules.
-_FLAGS: dict[str, Any] = {}
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+    return {
+        "config": cli.define_config_flag(),
+        "workdir": flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/."),
+        "step": flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number."),
+        "json": flags.DEFINE_bool("json", False, "Print the result as one JSON line."),
+        "figure": flags.DEFINE_string(
+            "figure",
+            None,
+            "Where to write the clip's PNG (frames, face boxes, both streams' crops, "
+            "probabilities); default WORKDIR/predict/<PATH's name>.png.",
+        ),
+    }
 
 
-def _define_flags() -> None:
-    _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file.", lock_config=True
-    )
-    _FLAGS["workdir"] = flags.DEFINE_string(
-        "workdir", None, "Training workdir holding checkpoints/."
-    )
-    _FLAGS["step"] = flags.DEFINE_string(
-        "step", "best", "Checkpoint: best, latest or a step number."
-    )
-    _FLAGS["json"] = flags.DEFINE_bool("json", False, "Print the result as one JSON line.")
-    _FLAGS["figure"] = flags.DEFINE_string(
-        "figure",
-        None,
-        "Where to write the clip's PNG (frames, face boxes, both streams' crops, probabilities); "
-        "default WORKDIR/predict/<PATH's name>.png.",
-    )
-
-
-def run(argv=()) -> None:
+def run(argv: list[str], flag: cli.Flags) -> None:
     if len(argv) != 2:
         raise errors.BadInputError("expected exactly one PATH (a video file or a folder of frames)")
-    config, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
+    config, workdir = flag.config.value, flag.workdir.value
     cli.start(argv[:1], config=config, workdir=workdir)
-    figure = _FLAGS["figure"].value or Path(workdir) / "predict" / f"{Path(argv[1]).name}.png"
-    result = predict_clip(config, workdir, argv[1], step=_FLAGS["step"].value, figure=figure)
-    print(json.dumps(result) if _FLAGS["json"].value else format_result(result))
+    figure = flag.figure.value or Path(workdir) / "predict" / f"{Path(argv[1]).name}.png"
+    result = predict_clip(config, workdir, argv[1], step=flag.step.value, figure=figure)
+    print(json.dumps(result) if flag.json.value else format_result(result))
 
 
 def main() -> None:
-    _define_flags()
-    cli.main(run)
+    cli.main(run, define_flags)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ must divide the batch, and batch / grad_accum_steps must divide over the devices
 
 import ml_collections
 
-from configs import clip_caer_b32
+from caer_jax import config_files
+
+clip_caer_b32 = config_files.sibling(__file__, "clip_caer_b32")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

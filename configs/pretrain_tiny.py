@@ -5,7 +5,8 @@
 Draws the pairs (caer_jax.data.pretrain_data), trains both towers with CLIP's contrastive loss and
 exports a Hugging Face CLIP folder to <workdir>/clip, which configs/synthetic_tiny.py can load
 with config.model.clip.source. It is the embedded default's CLIP: configs/synthetic_tiny.py takes
-its geometry from here.
+its geometry from here. config.data.dir (data/pretrain_tiny) is relative to the working directory,
+as --workdir is.
 """
 
 import ml_collections

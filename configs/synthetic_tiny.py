@@ -10,11 +10,19 @@ drawn with other seeds than these clips); from it everything not set here is the
 temporal tokens of std 1, no warm-up. Variants: `:face` trains the face stream alone for the
 context ablation; `:scratch` trains a randomly initialised CLIP instead (no pretrained folder
 needed; the tests use it), with the four departures a random CLIP needs to learn at all.
+
+The file loads by its path from any working directory; the folders it names
+(runs/pretrain_tiny/clip, data/tfds, data/synthetic_raer) are relative to the working directory,
+as --workdir is: run from the repository root (as the Makefile does) or give absolute ones
+(--config.data.data_dir=...). A command that misses one names it with the folder it looked in.
 """
 
 import ml_collections
 
-from configs import clip_caer_b32, pretrain_tiny
+from caer_jax import config_files
+
+clip_caer_b32 = config_files.sibling(__file__, "clip_caer_b32")
+pretrain_tiny = config_files.sibling(__file__, "pretrain_tiny")
 
 # The Hugging Face folder that `caer_jax.pretrain --config=configs/pretrain_tiny.py
 # --workdir=runs/pretrain_tiny` exports (`make demo` runs it first; a rerun reuses it).

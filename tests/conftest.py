@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+from absl import flags
+
 # Nothing under the user's ~/.cache: the persistent compilation cache that every training, eval
 # or bench process started by a test uses (caer_jax.compilation.DEFAULT_CACHE_DIR follows
 # XDG_CACHE_HOME), matplotlib's font list and the like go to a directory of this session, which
@@ -28,6 +30,10 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The tests run the library outside absl.app, whose flags are then unparsed; grain's worker
+# start-up reads one of its flags (caer_jax/data/pipeline.py), and every default is what we want.
+flags.FLAGS.mark_as_parsed()
 
 
 def pytest_unconfigure(config):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -670,30 +671,34 @@ def test_split_with_no_usable_clip(tmp_path):
     )
 
 
-def test_options_from_environment(tmp_path, monkeypatch):
-    """TFDS_RAER_OPTIONS: how the stock `tfds build` passes options (tests/test_tfds_cli.py)."""
+def test_options_from_a_config_of_its_own(tmp_path):
+    """A RaerConfig with options, as the stock `tfds build --config='{...}'` makes one from JSON
+    (tests/test_tfds_cli.py): its own dataset, read back by its name."""
     manual = dummy_copy(tmp_path)
     rewrite(manual / "train.txt", "clips/a02 2 2", "clips/a02 2 9")
     (manual / "train.txt").rename(manual / "train_list.txt")
-    monkeypatch.setenv(
-        "TFDS_RAER_OPTIONS", '{"skip_bad_clips": true, "train_file": "train_list.txt"}'
+    listed = Builder.builder_config_cls(
+        **json.loads(
+            '{"name": "64px_listed", "image_size": 64, "skip_bad_clips": true, '
+            '"train_file": "train_list.txt", "path_prefix_map": [["/old/", "/new/"]]}'
+        )
     )
-    b = build(manual, tmp_path / "env")
-    assert clip_source(tmp_path / "env", "train").video_ids == [
+    b = Builder(config=listed, data_dir=str(tmp_path / "own"))
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    assert clip_source(tmp_path / "own", "train", "64px_listed").video_ids == [
         "clips/a01",
         "clips/a03",
         "clips/a04",
     ]
     assert b.info.splits["train"].num_examples == 3 + 2 + 3  # frame records
     assert b.info.metadata["build_options"]["train_file"] == "train_list.txt"
-    # keyword arguments win over the environment
-    assert not Builder(config="64px", skip_bad_clips=False).options.skip_bad_clips
-    monkeypatch.setenv("TFDS_RAER_OPTIONS", '{"skip_bad_clip": true}')
-    with pytest.raises(ValueError, match="unknown option"):
-        Builder(config="64px")
-    monkeypatch.setenv("TFDS_RAER_OPTIONS", "[1]")
-    with pytest.raises(ValueError, match="must be a JSON object"):
-        Builder(config="64px")
+    assert b.info.metadata["build_options"]["path_prefix_map"] == [["/old/", "/new/"]]
+    # keyword arguments win over the config's fields, and a pickled builder keeps both
+    given = Builder(config=listed, data_dir=str(tmp_path / "other"), skip_bad_clips=False)
+    again = pickle.loads(pickle.dumps(given))
+    assert not again.options.skip_bad_clips and again.options.train_file == "train_list.txt"
+    with pytest.raises(ValueError, match="config '64px_big' has image_size 224"):
+        Builder(config=Builder.builder_config_cls(name="64px_big"))
 
 
 def test_bad_options():

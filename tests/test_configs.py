@@ -1,7 +1,11 @@
 """Every config file loads, its variants work, and unknown keys are errors."""
 
 import importlib
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +126,64 @@ def test_locked_config_refuses_new_fields():
     c.lock()
     with pytest.raises(AttributeError, match="datset"):
         c.datset = 1
+
+
+# Every config file and every variant its get_config takes.
+EVERY_VARIANT = {
+    "clip_caer_b16": VARIANTS,
+    "clip_caer_b32": VARIANTS,
+    "clip_caer_l14": VARIANTS,
+    "synthetic_tiny": [*VARIANTS, "scratch", "face,scratch", "feature_cache,scratch"],
+    "pretrain_tiny": [""],  # its get_config takes no argument
+}
+
+
+def _elsewhere(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`argv` run in an empty working directory with this checkout's packages importable and not
+    its root, as an installed console script runs: `configs` is then no package to import."""
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    for package in ("caer_jax", "tfds_raer"):
+        (packages / package).symlink_to(CONFIG_DIR.parent / package)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(packages)}
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_config_file_loads_by_its_path_from_another_directory(tmp_path):
+    assert set(EVERY_VARIANT) == {p.stem for p in CONFIG_DIR.glob("*.py")} - {"__init__"}
+    given = [
+        f"{CONFIG_DIR / name}.py" + (f":{variant}" if variant else "")
+        for name, variants in EVERY_VARIANT.items()
+        for variant in variants
+    ]
+    # Through absl and ml_collections, as a command's --config loads it.
+    script = f"""
+import json
+from absl import flags
+from ml_collections import config_flags
+loaded = {{}}
+for value in {given!r}:
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values)
+    values(["command", "--config=" + value])
+    loaded[value] = values.config.to_dict()
+print(json.dumps({{value: sorted(config) for value, config in loaded.items()}}))
+"""
+    result = _elsewhere(tmp_path, [sys.executable, "-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(loaded) == sorted(given)
+    assert all({"data", "model", "train"} <= set(fields) for fields in loaded.values())
+
+
+def test_a_command_from_another_directory_names_the_folder_it_looked_in(tmp_path):
+    # The config loads by its absolute path; its data_dir (data/tfds) is relative to the working
+    # directory, and the error says which directory that was.
+    config = f"--config={CONFIG_DIR / 'synthetic_tiny.py'}:scratch"
+    result = _elsewhere(tmp_path, [sys.executable, "-m", "caer_jax.data.check", config])
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"is not built in 'data/tfds' (relative to {tmp_path / 'elsewhere'})" in error, error

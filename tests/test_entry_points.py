@@ -8,6 +8,7 @@ their targets are read from this checkout's pyproject.toml.
 """
 
 import ast
+import json
 import re
 import sys
 from pathlib import Path
@@ -126,3 +127,46 @@ def test_help(command, tmp_path):
     if command in ("caer-train", "caer-eval", "caer_jax.ablate"):  # absl's help lacked these
         for flag in ("--config", "--workdir", "--compilation_cache"):
             assert flag in result.stdout, result.stdout
+
+
+# Every command, imported together (as a test or a library user does): none defines a flag when
+# imported, so none refuses another's --config. The flags of the libraries they import (grain's,
+# absl's) are theirs to define.
+COMMAND_MODULES = [
+    "caer_jax.bench",
+    "caer_jax.convert",
+    "caer_jax.data.check",
+    "caer_jax.eval",
+    "caer_jax.predict",
+    "caer_jax.pretrain",
+    "caer_jax.report",
+]
+OUR_PACKAGES = ("caer_jax", "tfds_raer", "configs", "__main__")
+
+
+def test_importing_every_command_defines_no_flag(tmp_path):
+    script = (
+        "import importlib, json; from absl import flags\n"
+        f"for name in {COMMAND_MODULES!r}: importlib.import_module(name)\n"
+        "print(json.dumps({m: [f.name for f in fs] "
+        "for m, fs in flags.FLAGS.flags_by_module_dict().items()}))"
+    )
+    result = run([sys.executable, "-c", script], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    defined = json.loads(result.stdout.strip().splitlines()[-1])
+    assert any(module.startswith("grain") for module in defined), defined  # the check can see
+    ours = {m: names for m, names in defined.items() if m.split(".")[0] in OUR_PACKAGES}
+    assert ours == {}
+
+
+def test_the_builder_and_the_tokenizer_import_no_data_code(tmp_path):
+    # Imports run one way: the input pipeline and the caption generator (caer_jax.data) build on
+    # the builder and the models, not the other way round.
+    script = (
+        "import sys, tfds_raer.raer.benchmark, tfds_raer.raer.raer_dataset_builder, "
+        "caer_jax.models.tokenizer\n"
+        "print(sorted(m for m in sys.modules if m.startswith('caer_jax.data')))"
+    )
+    result = run([sys.executable, "-c", script], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -147,8 +147,14 @@ def test_config_file_that_does_not_exist(tmp_path):
         ("def get_config(:\n    pass\n", 1, "SyntaxError: invalid syntax"),
         ("def get_config():\n    steps = 0\n    return 1 / steps\n", 3, "ZeroDivisionError"),
         ("def get_config():\n    return None.field\n", 2, "AttributeError"),
+        # Once a config file imported configs/ as a package, absent from other directories.
+        (
+            "import no_such_package\n",
+            1,
+            "ModuleNotFoundError: No module named 'no_such_package'",
+        ),
     ],
-    ids=["syntax", "get_config raises", "attribute of get_config"],
+    ids=["syntax", "get_config raises", "attribute of get_config", "import fails"],
 )
 def test_a_broken_config_file_is_named_with_its_line(tmp_path, body, line, kind):
     config = tmp_path / "mine.py"

@@ -74,7 +74,7 @@ def test_captions_say_what_was_drawn():
 
 
 def test_tokenizer_knows_class_texts_and_fits_the_tiny_vocabulary():
-    tok = tokenizer_lib.offline_tokenizer()
+    tok = tokenizer_lib.offline_tokenizer(captions.vocabulary_texts())
     assert (
         len(tok) == tokenizer_lib.VOCAB_BUDGET == pretrain_tiny.get_config().model.clip.vocab_size
     )
@@ -189,7 +189,8 @@ def test_export_loads_as_a_clip_source_and_in_transformers_with_the_same_embeddi
     geometry = clip.CLIPGeometry.from_config(pretrain_tiny.get_config().model.clip)
     model = clip.CLIP(geometry)
     pixels = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
-    tok = tokenizer_lib.offline_tokenizer(tmp_path / "tokenizer")
+    tokenizer_lib.write_offline_vocab(tmp_path / "tokenizer", captions.vocabulary_texts())
+    tok = tokenizer_lib.offline_tokenizer(captions.vocabulary_texts())
     ids = tokenizer_lib.tokenize(tok, list(prompts.TEXT_TYPES["class_descriptor"]), 77)
     apply = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
     params = jax.device_get(jax.jit(model.init)(jax.random.key(1), pixels, ids)["params"])

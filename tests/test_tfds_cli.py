@@ -5,7 +5,6 @@ the repository root, as the README tells users to, then reads the records back.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from caer_jax.data import clips, synthetic
-from tfds_raer.raer import raer_lib
 from tfds_raer.raer.raer_dataset_builder import Builder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,17 +20,9 @@ TFDS = Path(sys.executable).parent / "tfds"  # the console script installed by t
 DUMMY = Path(Builder.code_path).parent / "dummy_data"
 
 
-def tfds_build(*args: str, options: dict | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != raer_lib.OPTIONS_ENV}
-    if options is not None:
-        env[raer_lib.OPTIONS_ENV] = json.dumps(options)
+def tfds_build(*args: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [str(TFDS), "build", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=env,
+        [str(TFDS), "build", *args], capture_output=True, text=True, timeout=300, cwd=REPO
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -47,10 +37,10 @@ def annotations(manual: Path, split: str, file_name: str | None = None) -> dict:
     return rows
 
 
-def stored(data_dir: Path, split: str) -> dict:
-    """{video_id: (num_frames, label)} of the stored clips; every frame record read."""
-    source = clips.ClipSource.open("raer/64px", split, str(data_dir))
-    records = tfds.data_source("raer/64px", split=split, data_dir=str(data_dir))
+def stored(data_dir: Path, split: str, name: str = "raer/64px") -> dict:
+    """{video_id: (num_frames, label)} of the stored clips of `name`; every frame record read."""
+    source = clips.ClipSource.open(name, split, str(data_dir))
+    records = tfds.data_source(name, split=split, data_dir=str(data_dir))
     assert sum(clip.num_frames for clip in source) == len(records)  # one record per frame
     out = {}
     for clip in source:
@@ -80,8 +70,8 @@ def test_tfds_build_on_the_synthetic_generator_output(tmp_path):
 
 
 def test_tfds_build_options_on_a_hand_made_folder(tmp_path):
-    """Options reach the builder through the dataset name (scalars, with --imports) and the
-    TFDS_RAER_OPTIONS environment variable (any option, e.g. path_prefix_map)."""
+    """Options reach the builder as a config of its own in JSON (`tfds build --config='{...}'`,
+    any option, path_prefix_map too) or in the dataset name (scalars, with --imports)."""
     manual = tmp_path / "manual"
     shutil.copytree(DUMMY, manual)
     train = (manual / "train.txt").read_text().replace("clips/a02 2 2", "clips/a02 2 9")
@@ -91,21 +81,44 @@ def test_tfds_build_options_on_a_hand_made_folder(tmp_path):
     for name in ("test.txt", "face_boxes.json", "body_boxes.json"):
         text = (manual / name).read_text()
         (manual / name).write_text(text.replace("clips/b", "/authors/RAER/clips/b"))
+    options = {"skip_bad_clips": True, "max_frames": 2, "train_file": "train_list.txt"}
+    prefixes = [["/authors/RAER/", f"{manual}/"]]
+    own = {"name": "64px_authors", "image_size": 64, "path_prefix_map": prefixes, **options}
     data_dir = tmp_path / "tfds"
     result = tfds_build(
-        "raer/64px/skip_bad_clips=True,max_frames=2,train_file=train_list.txt",
-        "--imports=tfds_raer",
+        "tfds_raer/raer",
+        f"--config={json.dumps(own)}",
         f"--manual_dir={manual}",
         f"--data_dir={data_dir}",
-        options={"path_prefix_map": [["/authors/RAER/", f"{manual}/"]]},
     )
     want_train = annotations(manual, "train", "train_list.txt")
     del want_train["clips/a02"]
-    assert stored(data_dir, "train") == {d: (min(n, 2), y) for d, (n, y) in want_train.items()}
+    want_train = {d: (min(n, 2), y) for d, (n, y) in want_train.items()}
+    assert stored(data_dir, "train", "raer/64px_authors") == want_train
     want_test = {d: (min(n, 2), y) for d, (n, y) in annotations(manual, "test").items()}
-    assert stored(data_dir, "test") == want_test
+    assert stored(data_dir, "test", "raer/64px_authors") == want_test
     assert all(d.startswith("/authors/RAER/clips/b") for d in want_test)
-    info = tfds.builder("raer/64px", data_dir=str(data_dir)).info.metadata
-    assert info["build_options"]["path_prefix_map"] == [["/authors/RAER/", f"{manual}/"]]
+    info = tfds.builder("raer/64px_authors", data_dir=str(data_dir)).info.metadata
+    assert info["build_options"]["path_prefix_map"] == prefixes
+    assert info["build_options"]["image_size"] == 64
     assert info["statistics"]["train"]["skipped"]["by_reason"] == {"bad_label": 1}
     assert "SKIPPED 1 bad clips" in result.stderr
+
+    # Scalars in the name instead, into the data directory of the config named.
+    plain = tmp_path / "plain"
+    shutil.copytree(DUMMY, plain)
+    tfds_build(
+        "raer/64px/max_frames=1,jpeg_quality=90",
+        "--imports=tfds_raer",
+        f"--manual_dir={plain}",
+        f"--data_dir={data_dir}",
+    )
+    assert stored(data_dir, "train") == {
+        d: (1, y) for d, (n, y) in annotations(plain, "train").items()
+    }
+    assert (
+        tfds.builder("raer/64px", data_dir=str(data_dir)).info.metadata["build_options"][
+            "jpeg_quality"
+        ]
+        == 90
+    )

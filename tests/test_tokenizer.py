@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from caer_jax import prompts
+from caer_jax.data import captions
 from caer_jax.models import tokenizer as tokenizer_lib
 
 
@@ -16,7 +17,8 @@ def tok():
 
 
 def test_layout_matches_clip(tmp_path):
-    size = tokenizer_lib.write_offline_vocab(tmp_path)
+    size = tokenizer_lib.write_offline_vocab(tmp_path, captions.vocabulary_texts())
+    assert size == tokenizer_lib.VOCAB_BUDGET
     vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
     assert len(vocab) == size
     by_id = sorted(vocab, key=vocab.get)
@@ -27,6 +29,22 @@ def test_layout_matches_clip(tmp_path):
     merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert merges[0].startswith("#version")
     assert len(merges) - 1 == size - 512 - 2
+
+
+def test_the_texts_given_are_learned_and_the_files_read_back_the_same(tmp_path):
+    given = ["zebras graze", "a zebra grazes", "zebras"]
+    learned = tokenizer_lib.offline_tokenizer(given)
+    assert len(learned("zebras", add_special_tokens=False)["input_ids"]) == 1
+    unlearned = tokenizer_lib.offline_tokenizer()
+    assert len(unlearned("zebras", add_special_tokens=False)["input_ids"]) > 1
+    # The files that pretraining exports: read by a Hugging Face folder's loader, the same ids.
+    tokenizer_lib.write_offline_vocab(tmp_path, given)
+    folder = ml_collections.ConfigDict({"source": str(tmp_path), "vocab_size": 1024})
+    texts = [*given, "zebra quux", *tokenizer_lib.corpus_texts()]
+    np.testing.assert_array_equal(
+        tokenizer_lib.tokenize(tokenizer_lib.load_tokenizer(folder), texts, 32),
+        tokenizer_lib.tokenize(learned, texts, 32),
+    )
 
 
 def test_every_corpus_word_is_one_token(tok):
@@ -75,7 +93,7 @@ def test_weights_file_without_tokenizer_files(tmp_path):
     cfg = ml_collections.ConfigDict({"source": str(f), "vocab_size": 49408})
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         tokenizer_lib.load_tokenizer(cfg)
-    tokenizer_lib.write_offline_vocab(tmp_path)
+    tokenizer_lib.write_offline_vocab(tmp_path, ())
     assert len(tokenizer_lib.load_tokenizer(cfg)) <= 1024
 
 
@@ -83,5 +101,5 @@ def test_folder_without_a_vocabulary_is_refused(tmp_path):
     cfg = ml_collections.ConfigDict({"source": str(tmp_path), "vocab_size": 49408})
     with pytest.raises(FileNotFoundError, match="no CLIP vocabulary found"):
         tokenizer_lib.load_tokenizer(cfg)
-    tokenizer_lib.write_offline_vocab(tmp_path)
+    tokenizer_lib.write_offline_vocab(tmp_path, ())
     assert len(tokenizer_lib.load_tokenizer(cfg)) <= 1024

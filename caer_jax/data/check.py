@@ -12,14 +12,12 @@ one line per damaged record and the `error:` line, status 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import flags
 from array_record.python.array_record_module import ArrayRecordReader
 from etils import epath
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from caer_jax import cli, errors
@@ -104,25 +102,22 @@ def check(config: ml_collections.ConfigDict, splits: list[str]) -> str:
     )
 
 
-# The flags are defined when the command starts, not at import (as caer_jax.predict's): the
-# training and evaluation modules that tests import with this one define --config at import.
-_FLAGS: dict[str, Any] = {}
+def define_flags() -> dict[str, flags.FlagHolder]:
+    return {
+        "config": cli.define_config_flag(),
+        "split": flags.DEFINE_list(
+            "split", [], "Splits to check, comma-separated (default: every split of the build)."
+        ),
+    }
 
 
-def run(argv=()) -> None:
-    config = _FLAGS["config"].value
-    cli.start(argv, config=config)
-    print(check(config, _FLAGS["split"].value))
+def run(argv: list[str], flag: cli.Flags) -> None:
+    cli.start(argv, config=flag.config.value)
+    print(check(flag.config.value, flag.split.value))
 
 
 def main() -> None:
-    _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file.", lock_config=True
-    )
-    _FLAGS["split"] = flags.DEFINE_list(
-        "split", [], "Splits to check, comma-separated (default: every split of the build)."
-    )
-    cli.main(run)
+    cli.main(run, define_flags)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ processes. Frame offsets and augmentation draws come from a generator seeded by
 
 Eval: records in file order, global batches of eval_batch_size, each process its block of rows,
 the last batch padded with mask=False rows (index -1, zero pixels); every clip appears once.
+
+Worker processes (config.data.worker_count != 0) need absl's flags parsed: grain's start-up reads
+its flag --grain_enable_multiprocess_worker_profiling in the calling process. Every command
+parses them (absl.app); a script or notebook outside absl.app calls
+`absl.flags.FLAGS.mark_as_parsed()` first (tests/conftest.py does).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags
 
 import tfds_raer  # noqa: F401  (registers the "raer" builder)
 from caer_jax import errors, sharding
@@ -252,10 +256,6 @@ def _iterate(
     )
     workers = worker_count(config)
     if workers > 0:
-        if not flags.FLAGS.is_parsed():
-            # grain's worker start-up reads an absl flag directly; outside an absl app (tests,
-            # notebooks) the flags are unparsed and that read fails. Defaults are what we want.
-            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=workers,

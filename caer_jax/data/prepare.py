@@ -72,7 +72,7 @@ def not_built_error(config: ml_collections.ConfigDict) -> errors.MissingInputErr
     )
     return errors.MissingInputError(
         f"TFDS dataset {config.data.tfds_name!r} version {builder.version} is not built in "
-        f"{config.data.data_dir or '~/tensorflow_datasets'}{older}; build it first: "
+        f"{errors.named_path(config.data.data_dir or builder.data_dir_root)}{older}; build it first: "
         f"tfds build tfds_raer/raer --manual_dir=/path/to/RAER "
         f"--config={config.data.tfds_name.split('/')[-1]} --data_dir={config.data.data_dir or '...'}"
     )

@@ -502,7 +502,8 @@ def load_clip_weights(source: str | os.PathLike) -> tuple[dict, CLIPGeometry]:
         return _load_hf_folder(_download(str(source)))
     else:
         raise errors.MissingInputError(
-            f"CLIP weights {str(source)!r}: no such file or folder; accepted: " + "; ".join(FORMATS)
+            f"CLIP weights {errors.named_path(source)}: no such file or folder; accepted: "
+            + "; ".join(FORMATS)
         )
     raise WeightsError(
         f"cannot read CLIP weights from {str(source)!r}; accepted: " + "; ".join(FORMATS)

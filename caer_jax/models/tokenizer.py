@@ -4,10 +4,10 @@ The offline tokenizer (embedded default, `config.model.clip.source = "random"`) 
 byte-level BPE -- vocab.json and merges.txt in the layout of OpenAI's vocabulary, loaded by
 transformers' `CLIPTokenizer` so that the real tokenizer code runs -- but its merges are learned
 here: first from the class texts of every text type in `caer_jax.prompts` plus the context
-placeholder "X" (each of their words becomes one token), then from the caption vocabulary of the
-synthetic pretraining data (caer_jax.data.captions) until the vocabulary holds VOCAB_BUDGET
-entries (the more frequent caption words become one token, the others a few). Any other word
-falls back to smaller pieces, down to single bytes. Ids: 256 byte symbols, their 256 "</w>"
+placeholder "X" (each of their words becomes one token), then from the texts its caller gives
+(pretraining gives the caption vocabulary of its synthetic pairs, caer_jax.data.captions) until the
+vocabulary holds VOCAB_BUDGET entries (the more frequent of those words become one token, the
+others a few). Any other word falls back to smaller pieces, down to single bytes. Ids: 256 byte symbols, their 256 "</w>"
 (end of word) variants, one id per learned merge, then `<|startoftext|>` and `<|endoftext|>` as
 the two last (largest) ids, so that the argmax of a prompt's ids is its end token, as in CLIP.
 """
@@ -18,7 +18,7 @@ import collections
 import json
 import math
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ import numpy as np
 import regex
 
 from caer_jax import errors, prompts
-from caer_jax.data import captions
 from caer_jax.models import hub
 
 START_TOKEN = "<|startoftext|>"
@@ -136,31 +135,36 @@ def learn_bpe(
     return {s: i for i, s in enumerate(symbols)}, merges
 
 
-def write_offline_vocab(folder: str | os.PathLike) -> int:
-    """Write vocab.json and merges.txt of the offline tokenizer into `folder`; returns its size."""
+def offline_vocab(more_texts: Sequence[str] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of the offline tokenizer: every corpus_texts() word one token, then merges
+    over `more_texts` too up to VOCAB_BUDGET entries."""
+    return learn_bpe(corpus_texts(), more_texts, VOCAB_BUDGET)
+
+
+def write_offline_vocab(folder: str | os.PathLike, more_texts: Sequence[str]) -> int:
+    """Writes vocab.json and merges.txt of `offline_vocab(more_texts)` into `folder` (the files of
+    a Hugging Face CLIP folder); returns the vocabulary's size."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = learn_bpe(corpus_texts(), captions.vocabulary_texts(), VOCAB_BUDGET)
+    vocab, merges = offline_vocab(more_texts)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(vocab)
 
 
-def offline_tokenizer(folder: str | os.PathLike | None = None) -> Any:
-    """The offline CLIP tokenizer (see the module docstring), via transformers' CLIPTokenizer."""
+def offline_tokenizer(more_texts: Sequence[str] = ()) -> Any:
+    """The offline CLIP tokenizer of `offline_vocab(more_texts)` (see the module docstring), as
+    transformers' CLIPTokenizer."""
     from transformers import CLIPTokenizer
 
-    if folder is not None:
-        write_offline_vocab(folder)
-        return CLIPTokenizer.from_pretrained(str(folder))
-    with tempfile.TemporaryDirectory() as tmp:
-        write_offline_vocab(tmp)
-        return CLIPTokenizer.from_pretrained(tmp)
+    vocab, merges = offline_vocab(more_texts)
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def load_tokenizer(clip_cfg: Any) -> Any:
-    """The tokenizer of config.model.clip: offline for source "random", else the source's own.
+    """The tokenizer of config.model.clip: offline for source "random" (of the class texts: a
+    random CLIP reads nothing else), else the source's own.
 
     A Hugging Face folder or hub id holds its tokenizer files (a hub id without a network: the
     local cache, see hub.py). A weights file (OpenAI .pt/.pth, flax_model.msgpack) is used with
@@ -198,8 +202,9 @@ def load_tokenizer(clip_cfg: Any) -> Any:
         )
     else:
         raise errors.MissingInputError(
-            f"config.model.clip.source={source!r}: no such file or folder (give a Hugging Face "
-            'CLIP folder, a hub id such as "openai/clip-vit-base-patch32", or "random")'
+            f"config.model.clip.source={errors.named_path(source)}: no such file or folder (give "
+            'a Hugging Face CLIP folder, a hub id such as "openai/clip-vit-base-patch32", or '
+            '"random")'
         )
     # transformers builds a tokenizer of the special tokens alone when it finds no vocabulary (an
     # empty folder, or a hub id without network); it would turn every prompt into unknown bytes.

@@ -9,11 +9,16 @@ or from Python (`import tfds_raer` registers "raer"):
       download_config=tfds.download.DownloadConfig(manual_dir=M))
 
 Options that are not part of the config name are builder keyword arguments (also accepted as
-`tfds.builder(..., skip_bad_clips=True)` and as `raer/64px/opt=value,...` names), or keys of the
-JSON object in the TFDS_RAER_OPTIONS environment variable (any option, e.g. path_prefix_map, with
-`tfds build`); see RaerConfig. They are stored in the dataset metadata ("build_options"). The
-data directory depends only on the config name and version: a build with a validation split
-replaces one without.
+`tfds.builder(..., skip_bad_clips=True)` and as `raer/64px/opt=value,...` names), or fields of a
+config of its own that `tfds build` takes as JSON, any option included (path_prefix_map too):
+
+  tfds build tfds_raer/raer --manual_dir=/data/RAER --config='{"name": "224px_authors_paths",
+      "image_size": 224, "path_prefix_map": [["/home/authors/RAER/", "/data/RAER/"]]}'
+
+(TFDS refuses to give such a config the name of one of BUILDER_CONFIGS: it is another dataset,
+read as `raer/224px_authors_paths`; a name "<S>px..." must say its image_size.) See RaerConfig.
+The options are stored in the dataset metadata ("build_options"). The data directory depends
+only on the config name and version: a build with a validation split replaces one without.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -116,6 +122,10 @@ class RaerConfig(tfds.core.BuilderConfig):
     face_boxes_file: str = raer_lib.FACE_BOXES_FILE
     body_boxes_file: str = raer_lib.BODY_BOXES_FILE
 
+    def __post_init__(self) -> None:
+        # A JSON config (`tfds build --config='{...}'`) gives lists; the options hold tuples.
+        self.path_prefix_map = tuple(tuple(pair) for pair in self.path_prefix_map)
+
     @property
     def files(self) -> raer_lib.LayoutFiles:
         return raer_lib.LayoutFiles(
@@ -172,22 +182,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        overrides = raer_lib.env_options()
-        unknown = sorted(set(overrides) - set(OPTION_FIELDS))
-        if unknown:
-            raise errors.BadInputError(
-                f"{raer_lib.OPTIONS_ENV}: unknown option(s) {unknown}; known: {list(OPTION_FIELDS)}"
-            )
-        overrides.update({k: kwargs.pop(k) for k in OPTION_FIELDS if k in kwargs})
-        if "path_prefix_map" in overrides:
-            overrides["path_prefix_map"] = tuple(tuple(p) for p in overrides["path_prefix_map"])
-        self._overrides = overrides  # read by _info, which TFDS calls inside __init__
+        self._init_kwargs = dict(kwargs, file_format=file_format)  # what a pickle recreates
+        self._overrides = {k: kwargs.pop(k) for k in OPTION_FIELDS if k in kwargs}  # read by _info
         super().__init__(file_format=file_format, **kwargs)
-        self._original_state.update(overrides, file_format=file_format)  # for pickling
         # Bad options and label sets fail here, also when a built dataset is only read.
         _ = self.label_set
         if file_format is None and not self.is_prepared():
             self.info.set_file_format("array_record", override=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"init_kwargs": self._init_kwargs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["init_kwargs"])
 
     @functools.cached_property
     def options(self) -> RaerConfig:
@@ -317,6 +324,9 @@ def _check_options(o: RaerConfig) -> None:
 
     if not 8 <= o.image_size <= 4096:
         bad(f"image_size must be in 8..4096, got {o.image_size}")
+    named = re.match(r"(\d+)px", o.name)
+    if named and int(named.group(1)) != o.image_size:
+        bad(f"config {o.name!r} has image_size {o.image_size}; give the size its name says")
     if o.image_format not in raer_lib.IMAGE_FORMATS:
         bad(f"image_format must be one of {raer_lib.IMAGE_FORMATS}, got {o.image_format!r}")
     if not 1 <= o.jpeg_quality <= 100:

@@ -53,29 +53,6 @@ class LayoutFiles:
         return {"train": self.train, "test": self.test}
 
 
-OPTIONS_ENV = "TFDS_RAER_OPTIONS"
-
-
-def env_options() -> dict[str, Any]:
-    """Builder options from the TFDS_RAER_OPTIONS environment variable (a JSON object).
-
-    How options reach builders that the `tfds build` command makes, e.g. (one command line)
-      TFDS_RAER_OPTIONS='{"path_prefix_map": [["/home/a/RAER/", "/data/RAER/"]]}' tfds build tfds_raer/raer --manual_dir=/data/RAER
-    Keyword arguments given to the builder (also `raer/64px/skip_bad_clips=True` names) take
-    precedence.
-    """
-    text = os.environ.get(OPTIONS_ENV, "").strip()
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise errors.BadInputError(f"{OPTIONS_ENV} is not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise errors.BadInputError(f"{OPTIONS_ENV} must be a JSON object, got {text!r}")
-    return value
-
-
 class RaerFormatError(errors.BadInputError):
     """The manual_dir does not hold a readable RAER layout; the message names file and line."""
 
