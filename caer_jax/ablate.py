@@ -2,7 +2,7 @@
 --workdir=runs/ablation [--streams=face,context,both] [--text_types=class_descriptor,class_names]
 [--seeds=0,1,2]`.
 
-Trains one run per (streams, text type, seed) with `train.train_and_evaluate`, one after another
+Trains one run per (streams, text type, seed) with `trainer.train_and_evaluate`, one after another
 in this process, into `<workdir>/<streams>-<text type>-seed<seed>`, and prints a Markdown table of
 the best checkpoint's test UAR and WAR, mean +- sample standard deviation over the seeds (as
 caer_jax.report; also written to `<workdir>/ablation.md` and `ablation.json`). Meant for the
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
-from caer_jax import cli, metrics, train
+from caer_jax import cli, metrics, trainer
 from caer_jax.models import caer
 
-# --config and --workdir are caer_jax.train's own flags (--workdir: the folder of the runs).
-_CONFIG, _WORKDIR = train._CONFIG, train._WORKDIR
-flags.adopt_module_key_flags(train)  # --help lists them with this command's own flags
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the runs.")
 _STREAMS = flags.DEFINE_list("streams", ["face", "context", "both"], "config.model.streams values.")
 _TEXT_TYPES = flags.DEFINE_list(
     "text_types", ["class_descriptor", "class_names"], "config.model.prompt.text_type values."
@@ -52,7 +52,7 @@ def run_grid(config, workdir: Path, streams, text_types, seeds) -> list[dict]:
         for text_type in text_types:
             results = []
             for seed in seeds:
-                summary = train.train_and_evaluate(
+                summary = trainer.train_and_evaluate(
                     cell(stream, text_type, seed), workdir / f"{stream}-{text_type}-seed{seed}"
                 )
                 if summary is None:

@@ -1,4 +1,5 @@
-"""The pure, jit-able steps of CLIP-CAER: training (with accumulation) and evaluation.
+"""The pure, jit-able steps: CLIP-CAER's training (with accumulation) and evaluation, and CLIP's
+contrastive pretraining.
 
 Module-level functions with keyword-only dependencies, so that the training loop, the evaluator,
 the benchmark and the tests jit the same code with their own shardings.
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from caer_jax import state as state_lib
+from caer_jax.models import caer, contrastive
 
 
 def stream_inputs(batch: dict, streams: str) -> tuple[Any, Any]:
@@ -65,8 +67,8 @@ def train_step(
     `method` None applies the model to pixels; "from_features" to cached per-frame features.
 
     A step whose loss or gradient is not finite leaves parameters and optimizer state as they
-    were (the step counter still advances, keeping it aligned with the data); `finite` in the
-    metrics tells the host, which stops or counts it (config.train.skip_nonfinite).
+    were (apply_if_finite); `finite` in the metrics tells the host, which stops or counts it
+    (config.train.skip_nonfinite).
     """
     rng = jax.random.fold_in(dropout_rng, state.step)
 
@@ -94,6 +96,17 @@ def train_step(
         total, _ = jax.lax.scan(accumulate, total, xs)
         # equal micro-batches: the mean of their means is the batch mean
         grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps, total)
+    new_state, health = apply_if_finite(state, grads, loss, tx)
+    return new_state, {"loss": loss, "accuracy": accuracy, **health}
+
+
+def apply_if_finite(
+    state: state_lib.TrainState, grads: Any, loss: jax.Array, tx: optax.GradientTransformation
+) -> tuple[state_lib.TrainState, dict]:
+    """The state after `tx`'s update from `grads`, or with parameters and optimizer state as
+    they were when the loss or the gradient norm is not finite (the step counter advances either
+    way, keeping it aligned with the data); and {"grad_norm", "finite"} for the host, which stops
+    or counts such a step."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -104,7 +117,34 @@ def train_step(
         params=jax.tree.map(keep_if_bad, params, state.params),
         opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
     )
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
+    return new_state, {"grad_norm": grad_norm, "finite": finite}
+
+
+def pretrain_step(
+    state: state_lib.TrainState,
+    batch: dict,
+    *,
+    model: contrastive.ContrastiveCLIP,
+    tx: optax.GradientTransformation,
+    pixel_normalization: str,
+    max_logit_scale: float,
+) -> tuple[state_lib.TrainState, dict]:
+    """One contrastive optimizer step on a global batch of frames: face and context images
+    against their captions in one 2B x 2B similarity matrix (exp(t) clipped at
+    `max_logit_scale`). A non-finite step leaves the state as it was (apply_if_finite)."""
+    pixels = jnp.concatenate([batch["face"], batch["context"]])
+    images = caer.encoder_input(pixels, pixel_normalization)
+    ids = jnp.concatenate([batch["face_ids"], batch["context_ids"]])
+
+    def loss_fn(params):
+        image_features, text_features, log_scale = model.apply({"params": params}, images, ids)
+        scale = jnp.minimum(jnp.exp(log_scale), max_logit_scale)
+        loss, accuracy = contrastive.contrastive_loss(image_features, text_features, scale)
+        return loss, (accuracy, scale)
+
+    (loss, (accuracy, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state, health = apply_if_finite(state, grads, loss, tx)
+    return new_state, {"loss": loss, "accuracy": accuracy, "logit_scale": scale, **health}
 
 
 def eval_step(params: Any, batch: dict, *, model, streams: str, method: str | None = None) -> dict:
