@@ -2,7 +2,7 @@
 --workdir=runs/ablation [--streams=face,context,both] [--text_types=class_descriptor,class_names]
 [--seeds=0,1,2]`.
 
-Trains one run per (streams, text type, seed) with `train.train_and_evaluate`, one after another
+Trains one run per (streams, text type, seed) with `trainer.train_and_evaluate`, one after another
 in this process, into `<workdir>/<streams>-<text type>-seed<seed>`, and prints a Markdown table of
 the best checkpoint's test UAR and WAR, mean +- sample standard deviation over the seeds (as
 caer_jax.report; also written to `<workdir>/ablation.md` and `ablation.json`). Meant for the
@@ -20,7 +20,7 @@ from pathlib import Path
 import ml_collections
 from absl import flags
 
-from caer_jax import cli, metrics, train
+from caer_jax import cli, metrics, trainer
 from caer_jax.models import caer
 
 
@@ -59,7 +59,7 @@ def run_grid(config, workdir: Path, streams, text_types, seeds) -> list[dict]:
         for text_type in text_types:
             results = []
             for seed in seeds:
-                summary = train.train_and_evaluate(
+                summary = trainer.train_and_evaluate(
                     cell(stream, text_type, seed), workdir / f"{stream}-{text_type}-seed{seed}"
                 )
                 if summary is None:

@@ -189,11 +189,11 @@ def step_flops(config: ml_collections.ConfigDict, batch_size: int, steps_per_epo
     for a step of 6.8 TFLOP), and a GPU lowering has no cost analysis; the computation is the
     same on every backend.
     """
-    from caer_jax import checkpoint, train
+    from caer_jax import checkpoint, trainer
 
     mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1), sharding.MESH_AXES)
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
-    setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
+    setup = trainer.TrainingSetup.create(config, model, mesh, steps_per_epoch)
     state = checkpoint.with_shardings(setup.abstract, setup.state_shardings)
     clip = (batch_size, config.data.num_segments, config.data.image_size, config.data.image_size, 3)
     shapes = {
@@ -235,20 +235,20 @@ def bench_model(
 ) -> dict:
     """Train-step and eval-step figures of `config`'s model on random clips.
 
-    The programs are the training loop's own (train.TrainingSetup on config.mesh over all
+    The programs are the training loop's own (trainer.TrainingSetup on config.mesh over all
     devices), so with the persistent compilation cache of a run of the same config they are not
     compiled again. The utilisation divides by the higher of two `reference_rate()`
     measurements taken right before and right after the timed steps: a shared or throttled host
     changes speed within minutes, and the higher reference never flatters the ratio.
     """
-    from caer_jax import train
+    from caer_jax import trainer
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.clip.source = "random"  # speed does not depend on the weights' values
     config.train.batch_size = batch_size
     mesh = sharding.make_mesh(config.mesh)
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
-    setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
+    setup = trainer.TrainingSetup.create(config, model, mesh, steps_per_epoch)
     state = setup.initial_state(config, _initial_params(setup, config))
     batch = random_batch(config, batch_size, mesh)
     compiled = setup.step_fn.lower(state, batch, setup.dropout_rng).compile()

@@ -8,7 +8,9 @@ shardings, so a checkpoint written on one mesh restores onto any other.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 
 import caer_jax
 from caer_jax import distributed, errors, label_sets
@@ -77,15 +80,10 @@ def saved_prompt_token_ids(meta: dict) -> np.ndarray | None:
     return None if record is None else np.asarray(record["token_ids"], np.int32)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = list(value) if isinstance(value, tuple) else value
-    return flat
+def _flatten(tree: dict) -> dict:
+    # Tuples as lists: a config read back from its JSON holds lists where the config has tuples.
+    flat = traverse_util.flatten_dict(tree, sep=".")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: Path) -> None:
@@ -111,11 +109,87 @@ def _selection_metric(metrics: dict) -> float:
     return metrics[SELECTION_METRIC]
 
 
-class Checkpoints:
-    """Saves and restores TrainStates under `workdir/checkpoints`."""
+RUN_FILE = "fingerprint.txt"  # the fingerprint of the run whose checkpoints the workdir holds
 
-    def __init__(self, workdir: str | Path, keep: int = 2, read_only: bool = False):
+
+def set_aside_other_run(workdir: Path, fingerprint: str) -> None:
+    """Records `fingerprint` (of a run's config and data) in the workdir; checkpoints of another
+    fingerprint are renamed checkpoints.<their fingerprint> (kept, not resumed from), so that a
+    changed config or data starts afresh."""
+    run_file = workdir / RUN_FILE
+    previous = run_file.read_text().strip() if run_file.exists() else fingerprint
+    checkpoints = workdir / "checkpoints"
+    if previous != fingerprint and checkpoints.exists():
+        aside = workdir / f"checkpoints.{previous}"
+        logging.warning(
+            "%s holds checkpoints of another config or data (%s, now %s): moved to %s; "
+            "starting afresh",
+            checkpoints,
+            previous,
+            fingerprint,
+            aside,
+        )
+        if aside.exists():
+            shutil.rmtree(aside)
+        checkpoints.rename(aside)
+    if jax.process_index() == 0:
+        run_file.write_text(fingerprint + "\n")
+
+
+def refuse_other_run(fingerprint: str, where: Path, meta: dict) -> None:
+    """Raises IncompatibleCheckpointError unless the checkpoint `where` (its metadata `meta`)
+    was written by the run of `fingerprint` (a Checkpoints.resume check_meta)."""
+    if meta.get("fingerprint") != fingerprint:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} was written by a run of another config or data (fingerprint "
+            f"{meta.get('fingerprint')}, now {fingerprint}); use another --workdir, or remove "
+            "this one to start afresh"
+        )
+
+
+def iterator_layout(start_step: int, worker_count: int) -> dict:
+    """What a saved data iterator's position is relative to (the metadata's "data_iterator"):
+    the step the iterator started at, the process count that split the batches and the worker
+    processes (grain's state has one per worker)."""
+    return {
+        "start_step": start_step,
+        "process_count": jax.process_count(),
+        "worker_count": worker_count,
+    }
+
+
+@dataclasses.dataclass
+class RunStart:
+    """Where a run starts: its newest intact checkpoint (Checkpoints.resume), or afresh (step 0,
+    meta None)."""
+
+    step: int
+    state: TrainState
+    meta: dict | None
+    data_iterator: Any  # at the position of `step`
+    data_start: int  # the step that iterator started at
+
+
+class Checkpoints:
+    """Saves and restores TrainStates under `workdir/checkpoints`.
+
+    Orbax decides when a save is due (`should_save`): every `save_interval_steps` steps (0:
+    never by the step), and at a preemption of a multi-process job (its preemption service).
+    The policies are given as such rather than through CheckpointManagerOptions'
+    save_interval_steps, whose default policy also saves the first step of every fresh run.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        keep: int = 2,
+        read_only: bool = False,
+        save_interval_steps: int = 0,
+    ):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        due = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+        if save_interval_steps:
+            due.append(ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps))
         policy = ocp.checkpoint_managers.AnyPreservationPolicy(
             [
                 ocp.checkpoint_managers.LatestN(n=keep),
@@ -128,11 +202,22 @@ class Checkpoints:
             best_fn=_selection_metric,
             best_mode="max",
             preservation_policy=None if read_only else policy,
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(due),
             read_only=read_only,
             create=not read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data", "config", "meta"), options=options
+        )
+
+    @classmethod
+    def of_run(cls, workdir: str | Path, train_cfg: ml_collections.ConfigDict) -> Checkpoints:
+        """The checkpoints of a training loop: the config.train's keep_checkpoints latest (and
+        the best), one every checkpoint_every_steps steps (0: only when the loop forces one)."""
+        return cls(
+            workdir,
+            keep=train_cfg.keep_checkpoints,
+            save_interval_steps=train_cfg.checkpoint_every_steps,
         )
 
     def save(
@@ -143,8 +228,11 @@ class Checkpoints:
         meta: dict,
         metrics: dict | None = None,
         data_iterator: grain.DatasetIterator | None = None,
+        force: bool = False,
     ) -> None:
-        """Saves asynchronously; with `data_iterator` also its position (exact resume)."""
+        """Saves asynchronously when a save is due (`should_save`) or `force` says so (an
+        evaluated epoch's end, the end of a run, a one-off write); with `data_iterator` also its
+        position (exact resume)."""
         step = int(jax.device_get(state.step))
         items = {
             "state": ocp.args.PyTreeSave(state),
@@ -157,8 +245,17 @@ class Checkpoints:
             step,
             args=ocp.args.Composite(**items),
             metrics=metrics,
-            force=True,
+            force=force,
         )
+
+    def should_save(self, step: int) -> bool:
+        """Whether orbax's policies (see the class) make `step` a save."""
+        return self.manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether the processes of a multi-process job agreed to stop at `step` (jax's
+        preemption service, through orbax); False for a single process."""
+        return self.manager.reached_preemption(step)
 
     def resolve_step(self, which: str | int) -> int:
         """'latest', 'best' or a step number -> a step that exists, or a clear error."""
@@ -278,6 +375,45 @@ class Checkpoints:
                 "now set aside as <step>.damaged); use another workdir to start afresh"
             )
         return None
+
+    def resume(
+        self,
+        target: TrainState,
+        *,
+        config: ml_collections.ConfigDict,
+        new_iterator: Callable[[int], grain.DatasetIterator],
+        worker_count: int,
+        check_meta: Callable[[Path, dict], None] | None = None,
+    ) -> RunStart | None:
+        """The newest intact checkpoint's state (laid out like `target`), with a data iterator
+        made by new_iterator(start_step) at the saved position; None without checkpoints.
+        check_meta(its folder, its metadata) may refuse a checkpoint by raising a UserError.
+
+        The saved position fits an iterator made as the saving run made its own. With another
+        process or worker count it does not; the global batches are a function of the step
+        alone, so a new iterator starts at the step instead."""
+
+        def restore(step: int) -> RunStart:
+            meta = self.read_meta(step)
+            if check_meta is not None:
+                check_meta(self.directory / str(step), meta)
+            saved = meta.get("data_iterator")
+            fits = bool(saved) and saved == iterator_layout(saved["start_step"], worker_count)
+            if not fits:
+                logging.info("data iterator saved as %s; starting it at step %d", saved, step)
+            data_start = saved["start_step"] if fits else step
+            iterator = new_iterator(data_start)
+            try:
+                state, meta = self.restore(
+                    step, target, config=config, data_iterator=iterator if fits else None
+                )
+            except BaseException:
+                iterator.close()  # its worker processes, before the previous checkpoint is tried
+                raise
+            return RunStart(step, state, meta, iterator, data_start)
+
+        found = self.restore_newest_intact(restore)
+        return None if found is None else found[1]
 
     def _skip_damaged(self, step: int, error: Exception) -> None:
         logging.warning(

@@ -93,20 +93,20 @@ def start(argv, **required_flags) -> None:
 
 
 def main(
-    run: Callable[..., object],
-    define_flags: Callable[[], dict[str, flags.FlagHolder]] | None = None,
+    run: Callable[[list[str], Flags], object],
+    define_flags: Callable[[], dict[str, flags.FlagHolder]],
 ) -> None:
     """Defines the common flags and the command's (`define_flags()`, passed to `run(argv, flag)`
-    as a Flags; without define_flags `run(argv)` reads flags of its own), then `app.run(run)` in
+    as a Flags), then `app.run(run)` in
     the error style of caer_jax.errors: a flag or config mistake, or a UserError raised by `run`,
     prints one `error:` line and exits with status 2. --help (or -h) prints the command's
     docstring and flags and exits with status 0."""
     define_common_flags()
-    command_flags = None if define_flags is None else Flags(**define_flags())
+    command_flags = Flags(**define_flags())
 
     def guarded(argv: list[str]) -> object:
         with errors.reported():
-            return run(argv) if command_flags is None else run(argv, command_flags)
+            return run(argv, command_flags)
 
     def parse(argv: list[str]) -> list[str]:
         given = argv[1 : argv.index("--")] if "--" in argv else argv[1:]

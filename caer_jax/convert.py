@@ -345,7 +345,7 @@ def write_checkpoint(
             freeze_image_encoder=config.model.freeze_image_encoder,
         )
         state = state_lib.create(params, tx)
-        ckpts.save(state, config=config, meta=meta)
+        ckpts.save(state, config=config, meta=meta, force=True)
         ckpts.wait()
         return int(state.step)
     finally:

@@ -5,6 +5,9 @@ an epoch's end, a checkpoint): one transfer for many steps instead of a sync per
 step's in-graph guard already keeps a non-finite step from touching the state, so reading its
 flag a few steps late only delays the stop; the error still names the step and its clips.
 
+`run_steps`, `finite_losses`, `Progress` and `closing` are the parts of a loop that training and
+pretraining share.
+
 `LoopTimer` measures what the step figure hides: time from process start to the first finished
 step, steady-state training rate with the data pipeline, time in evaluation and time the loop
 was blocked by checkpoint saves. The loop writes these to `speed.json` in the workdir.
@@ -16,10 +19,12 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 
 @dataclasses.dataclass
@@ -55,6 +60,86 @@ class PendingMetrics:
         ]
         self._pending = []
         return records
+
+
+def run_steps(
+    state: Any,
+    step_fn: Callable[[Any, dict], tuple[Any, dict]],
+    data_iterator: Iterator[tuple[dict, dict]],
+    pending: PendingMetrics,
+    *,
+    start_step: int,
+    total_steps: int,
+    timer: LoopTimer | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """Runs step_fn(state, batch) on the iterator's batches for steps start_step + 1 ..
+    total_steps, yielding (step, new state) once each step is dispatched and its metrics are in
+    `pending` (the caller reads them when it needs them)."""
+    for step in range(start_step + 1, total_steps + 1):
+        batch, host = next(data_iterator)
+        state, step_metrics = step_fn(state, batch)
+        pending.add(step, step_metrics, host["index"])
+        if timer is not None and step == start_step + 1:
+            timer.first_step_finished(step, step_metrics)
+        yield step, state
+
+
+def finite_losses(
+    records: list[StepRecord], *, skip_nonfinite: bool, hint: Callable[[StepRecord], str]
+) -> tuple[list[float], list[StepRecord]]:
+    """The losses of the finite steps of `records`, and the records of the others; unless
+    `skip_nonfinite`, the first non-finite step raises a FloatingPointError naming the step, its
+    loss and gradient norm, then hint(record)."""
+    losses, skipped = [], []
+    for record in records:
+        if record.metrics["finite"]:
+            losses.append(float(record.metrics["loss"]))
+        elif skip_nonfinite:
+            skipped.append(record)
+        else:
+            raise FloatingPointError(
+                f"non-finite loss ({record.metrics['loss']}) or gradient norm "
+                f"({record.metrics['grad_norm']}) at step {record.step}; {hint(record)}"
+            )
+    return losses, skipped
+
+
+class Progress:
+    """Log lines of a loop with its rate and the time left, measured from the step it started
+    (or resumed) at."""
+
+    def __init__(self, start_step: int, total_steps: int, items_per_step: int, unit: str):
+        self.start_step, self.total_steps = start_step, total_steps
+        self.items_per_step, self.unit = items_per_step, unit
+        self.started = time.time()
+
+    def log(self, step: int, values: str, *args: Any) -> None:
+        """ "step S/T <values % args> | rate, items per second, ETA"."""
+        rate = (step - self.start_step) / max(time.time() - self.started, 1e-9)
+        logging.info(
+            f"step %d/%d {values} | %.2f steps/s %.1f {self.unit}/s ETA %.0fs",
+            step,
+            self.total_steps,
+            *args,
+            rate,
+            rate * self.items_per_step,
+            (self.total_steps - step) / rate,
+        )
+
+
+@contextlib.contextmanager
+def closing(checkpoints: Any, data_iterator: Any, timer: LoopTimer | None = None):
+    """Closes a loop's checkpoints and data iterator on leaving, also on errors, once the writes
+    in flight have completed (so that the last good checkpoint is on disk)."""
+    try:
+        yield
+    finally:
+        started = time.time()
+        checkpoints.wait()
+        if timer is not None:
+            timer.final_wait_seconds = time.time() - started
+        checkpoints.close()
+        data_iterator.close()
 
 
 def process_start_time() -> float:

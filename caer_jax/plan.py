@@ -4,7 +4,7 @@
         --batches=8,64 --out=plan.json
 
 Compiles, ahead of time and with no TPU attached, the training loop's own programs
-(`train.TrainingSetup`: the train step and the eval step, on the config's data x fsdp mesh, dtype,
+(`trainer.TrainingSetup`: the train step and the eval step, on the config's data x fsdp mesh, dtype,
 remat and gradient accumulation) for every chip of a TPU topology, with the TPU compiler of the
 installed libtpu (`pip install -e '.[tpu]'`). Per global batch and program it reports, per chip:
 the memory the compiler allots (state, batch, outputs, temporaries, code) against the chip's HBM,
@@ -33,7 +33,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from caer_jax import backend, cli, errors, hlo, optim, sharding, traffic, train
+from caer_jax import backend, cli, errors, hlo, optim, sharding, traffic, trainer
 from caer_jax.data import feature_cache, pipeline
 from caer_jax.models import caer
 
@@ -344,7 +344,7 @@ def make_plan(
     config.model.clip.source = "random"
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
-    setup = train.TrainingSetup.create(config, model, mesh, _STEPS_PER_EPOCH)
+    setup = trainer.TrainingSetup.create(config, model, mesh, _STEPS_PER_EPOCH)
     state = jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
         setup.abstract,

@@ -1,4 +1,5 @@
-"""The pure, jit-able steps of CLIP-CAER: training (with accumulation) and evaluation.
+"""The pure, jit-able steps: CLIP-CAER's training (with accumulation) and evaluation, and CLIP's
+contrastive pretraining.
 
 Module-level functions with keyword-only dependencies, so that the training loop, the evaluator,
 the benchmark and the tests jit the same code with their own shardings.
@@ -15,6 +16,7 @@ from flax import traverse_util
 
 from caer_jax import optim
 from caer_jax import state as state_lib
+from caer_jax.models import caer, contrastive
 
 
 def stream_inputs(batch: dict, streams: str) -> tuple[Any, Any]:
@@ -73,8 +75,8 @@ def train_step(
     `method` None applies the model to pixels; "from_features" to cached per-frame features.
 
     A step whose loss or gradient is not finite leaves parameters and optimizer state as they
-    were (the step counter still advances, keeping it aligned with the data); `finite` in the
-    metrics tells the host, which stops or counts it (config.train.skip_nonfinite).
+    were (apply_if_finite); `finite` in the metrics tells the host, which stops or counts it
+    (config.train.skip_nonfinite).
     """
     rng = jax.random.fold_in(dropout_rng, state.step)
     groups = optim.flat_groups(
@@ -115,32 +117,83 @@ def train_step(
         total, _ = jax.lax.scan(accumulate, total, xs)
         # equal micro-batches: the mean of their means is the batch mean
         grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps, total)
+    new_state, health = apply_if_finite(state, grads, loss, tx, groups=groups)
+    return new_state, {"loss": loss, "accuracy": accuracy, **health}
+
+
+def apply_if_finite(
+    state: state_lib.TrainState,
+    grads: dict,
+    loss: jax.Array,
+    tx: optax.GradientTransformation,
+    *,
+    groups: dict | None = None,
+) -> tuple[state_lib.TrainState, dict]:
+    """The state after `tx`'s update from `grads`, or with parameters and optimizer state as
+    they were when the loss or the gradient norm is not finite (the step counter advances either
+    way, keeping it aligned with the data); and {"grad_norm", "finite"} for the host, which stops
+    or counts such a step.
+
+    `grads` maps flattened parameter paths to gradients: those of the trained parameters. Every
+    other parameter (a frozen group) passes through the step as the buffer it was: the optimizer
+    neither reads nor writes it. `groups` ({path: group}) names each update's scope
+    optimizer/<group>, for caer_jax.traffic's accounting.
+    """
     with jax.named_scope("grad_norm"):
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    flat = traverse_util.flatten_dict(state.params)
+    trained = {k: flat[k] for k in grads}
 
     def update(_):
-        # The frozen group's transform ignores its gradients (optax.set_to_zero): zeros that
-        # the compiler drops, there only to give tx the tree it was built for.
-        zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
+        # Frozen parameters get zero gradients that their transform (optax.set_to_zero) ignores
+        # and the compiler drops: they give tx the tree it was built for.
+        zeros = {k: jnp.zeros_like(v) for k, v in flat.items() if k not in grads}
         full = traverse_util.unflatten_dict({**zeros, **grads})
         updates, opt_state = tx.update(full, state.opt_state, state.params)
         flat_updates = traverse_util.flatten_dict(updates)
         new = {}
-        for k, param in trainable.items():
-            with jax.named_scope(f"optimizer/{groups[k]}"):  # for caer_jax.traffic's accounting
+        for k, param in trained.items():
+            with jax.named_scope(f"optimizer/{(groups or {}).get(k, 'all')}"):
                 new[k] = optax.apply_updates(param, flat_updates[k])
         return new, opt_state
 
     # A conditional rather than a select between old and new values: the update writes the
     # parameters and optimizer state once, in place, and a skipped step touches neither.
-    new_trainable, opt_state = jax.lax.cond(
-        finite, update, lambda _: (trainable, state.opt_state), None
-    )
+    new, opt_state = jax.lax.cond(finite, update, lambda _: (trained, state.opt_state), None)
     new_state = state.replace(
-        step=state.step + 1, params=with_frozen(new_trainable), opt_state=opt_state
+        step=state.step + 1,
+        params=traverse_util.unflatten_dict({**flat, **new}),
+        opt_state=opt_state,
     )
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": finite}
+    return new_state, {"grad_norm": grad_norm, "finite": finite}
+
+
+def pretrain_step(
+    state: state_lib.TrainState,
+    batch: dict,
+    *,
+    model: contrastive.ContrastiveCLIP,
+    tx: optax.GradientTransformation,
+    pixel_normalization: str,
+    max_logit_scale: float,
+) -> tuple[state_lib.TrainState, dict]:
+    """One contrastive optimizer step on a global batch of frames: face and context images
+    against their captions in one 2B x 2B similarity matrix (exp(t) clipped at
+    `max_logit_scale`). A non-finite step leaves the state as it was (apply_if_finite)."""
+    pixels = jnp.concatenate([batch["face"], batch["context"]])
+    images = caer.encoder_input(pixels, pixel_normalization)
+    ids = jnp.concatenate([batch["face_ids"], batch["context_ids"]])
+
+    def loss_fn(params):
+        image_features, text_features, log_scale = model.apply({"params": params}, images, ids)
+        scale = jnp.minimum(jnp.exp(log_scale), max_logit_scale)
+        loss, accuracy = contrastive.contrastive_loss(image_features, text_features, scale)
+        return loss, (accuracy, scale)
+
+    (loss, (accuracy, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state, health = apply_if_finite(state, traverse_util.flatten_dict(grads), loss, tx)
+    return new_state, {"loss": loss, "accuracy": accuracy, "logit_scale": scale, **health}
 
 
 def eval_step(params: Any, batch: dict, *, model, streams: str, method: str | None = None) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tiny_runs
 
-from caer_jax import checkpoint, evaluation, sharding, train
+from caer_jax import checkpoint, evaluation, sharding, trainer
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline
 from caer_jax.models import caer
@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     config = small_config(root)
     workdir = root / "run"
-    results = train.train_and_evaluate(config, workdir)
+    results = trainer.train_and_evaluate(config, workdir)
     return config, workdir, results
 
 
@@ -99,7 +99,7 @@ def test_eval_cli_restores_the_checkpoint_on_one_device(trained, tmp_path):
     config, workdir, results = trained
     expected = split_probabilities(config, restored_params(config, workdir, "best"))
     # The trained model's predictions are far from those of the initial parameters (the run's
-    # init key, as train.py derives it): a restore that returned those would not pass.
+    # init key, as trainer.py derives it): a restore that returned those would not pass.
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     init_rng, _ = jax.random.split(jax.random.key(config.seed))
     untrained = split_probabilities(config, caer.init_params(model, config.model, init_rng))
@@ -152,7 +152,7 @@ def test_training_brings_the_loss_down_and_train_accuracy_above_chance(trained):
     )
     learn = tiny_runs.config(settings)
     workdir = root / "learn"
-    train.train_and_evaluate(learn, workdir)
+    trainer.train_and_evaluate(learn, workdir)
     ckpts = checkpoint.Checkpoints(workdir, read_only=True)
     history = ckpts.read_meta(ckpts.resolve_step("latest"))["history"]
     ckpts.close()
@@ -178,7 +178,7 @@ def test_training_on_a_missing_dataset_says_how_to_build_it(tmp_path):
     config = small_config(tmp_path)
     config.data.synthetic.enabled = False
     with pytest.raises(FileNotFoundError, match="tfds build tfds_raer/raer"):
-        train.train_and_evaluate(config, tmp_path / "run")
+        trainer.train_and_evaluate(config, tmp_path / "run")
 
 
 def test_synthetic_folder_of_another_size_is_not_reused(trained):
@@ -188,4 +188,4 @@ def test_synthetic_folder_of_another_size_is_not_reused(trained):
     with pytest.raises(
         ValueError, match="holds 40 synthetic clips but config.data.synthetic.num_clips is 60"
     ):
-        train.train_and_evaluate(other, Path(config.data.synthetic.manual_dir).parent / "other")
+        trainer.train_and_evaluate(other, Path(config.data.synthetic.manual_dir).parent / "other")

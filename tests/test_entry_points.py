@@ -132,11 +132,17 @@ def test_help(command, tmp_path):
 # Every command, imported together (as a test or a library user does): none defines a flag when
 # imported, so none refuses another's --config. The flags of the libraries they import (grain's,
 # absl's) are theirs to define.
+# Every command, the training library and the shared command helpers, imported in one process.
 COMMAND_MODULES = [
+    "caer_jax.cli",
+    "caer_jax.trainer",
+    "caer_jax.train",
+    "caer_jax.ablate",
     "caer_jax.bench",
     "caer_jax.convert",
     "caer_jax.data.check",
     "caer_jax.eval",
+    "caer_jax.plan",
     "caer_jax.predict",
     "caer_jax.pretrain",
     "caer_jax.report",

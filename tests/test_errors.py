@@ -23,7 +23,7 @@ import torch
 from test_convert import _tiny_official
 
 import tfds_raer
-from caer_jax import errors, train
+from caer_jax import errors, trainer
 from caer_jax.data import prepare
 from caer_jax.models import hub
 from configs import synthetic_tiny
@@ -356,8 +356,8 @@ def test_resume_needs_no_tokenizer(converted, tmp_path, monkeypatch):
     shutil.copytree(root / "run", workdir)
     try:
         with pytest.raises(errors.MissingInputError, match="not in the local cache"):
-            train.train_and_evaluate(config, tmp_path / "fresh")  # a fresh start needs one
-        results = train.train_and_evaluate(config, workdir)
+            trainer.train_and_evaluate(config, tmp_path / "fresh")  # a fresh start needs one
+        results = trainer.train_and_evaluate(config, workdir)
     finally:
         hub.hub_reachable.cache_clear()
     assert results["step"] == 1 and results["num_clips"] > 0

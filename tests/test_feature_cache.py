@@ -259,7 +259,7 @@ def test_training_from_the_cache_equals_training_on_pixels_with_a_frozen_encoder
 
     import tiny_runs
 
-    from caer_jax import checkpoint, train
+    from caer_jax import checkpoint, trainer
 
     settings = tiny_runs.overrides(tmp_path, num_clips=24)
     runs = {}
@@ -267,7 +267,7 @@ def test_training_from_the_cache_equals_training_on_pixels_with_a_frozen_encoder
         config = tiny_runs.config(settings, "feature_cache")
         config.data.feature_cache.enabled = enabled
         workdir = tmp_path / f"cache_{enabled}"
-        summary = train.train_and_evaluate(config, workdir)
+        summary = trainer.train_and_evaluate(config, workdir)
         ckpts = checkpoint.Checkpoints(workdir, read_only=True)
         meta = ckpts.read_meta(ckpts.manager.latest_step())
         ckpts.close()

@@ -4,6 +4,8 @@
   parameters of a plain loop that moves each batch when it needs it and reads every step back.
 - PendingMetrics gives back every step's metrics once, in step order, with its clips, and never
   leaves more than `max_in_flight` steps unfinished.
+- finite_losses keeps the finite steps' losses and names the first non-finite step; checkpoints
+  are due at their interval (not at a fresh run's first step), else only when forced.
 - The prefetcher's checkpointed position is that of the batches used, not of those buffered.
 - A second start with the same persistent compilation cache loads its programs from it, also
   with another seed (the dropout key is an argument of the train step, not a constant in it);
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 import tiny_runs
 
-from caer_jax import checkpoint, host_loop, sharding, train
+from caer_jax import checkpoint, host_loop, sharding, trainer
 from caer_jax import state as state_lib
 from caer_jax.data import pipeline, prefetch, prepare
 from caer_jax.models import caer
@@ -42,7 +44,7 @@ def _reference_parameters(config) -> dict:
     mesh = sharding.make_mesh(config.mesh)  # as the training run's
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     steps_per_epoch = pipeline.steps_per_epoch(config)
-    setup = train.TrainingSetup.create(config, model, mesh, steps_per_epoch)
+    setup = trainer.TrainingSetup.create(config, model, mesh, steps_per_epoch)
     state = setup.initial_state(config)
     batches = pipeline.train_iterator(config, seed=config.seed, process_index=0, process_count=1)
     for _ in range(steps_per_epoch * config.train.num_epochs):
@@ -56,7 +58,7 @@ def _reference_parameters(config) -> dict:
 def test_prefetch_and_lazy_reads_give_the_plain_loops_parameters(settings, tmp_path):
     config = tiny_runs.config(settings)
     prepare.prepare_data(config)
-    train.train_and_evaluate(config, tmp_path / "run")
+    trainer.train_and_evaluate(config, tmp_path / "run")
     ckpts = checkpoint.Checkpoints(tmp_path / "run", read_only=True)
     step = ckpts.resolve_step("latest")
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
@@ -97,6 +99,39 @@ def test_pending_metrics_are_read_once_in_step_order_with_their_clips():
     assert pending.read() == []  # read once
     pending.add(6, {"loss": jnp.float32(1.5), "finite": jnp.bool_(True)}, np.array([60]))
     assert [(r.step, float(r.metrics["loss"])) for r in pending.read()] == [(6, 1.5)]
+
+
+def test_finite_losses_keep_the_finite_steps_and_name_the_first_bad_one():
+    def record(step, loss):
+        values = {"loss": np.float32(loss), "grad_norm": np.float32(1), "finite": np.isfinite(loss)}
+        return host_loop.StepRecord(step, values, np.array([step]))
+
+    records = [record(1, 0.5), record(2, np.nan), record(3, 0.25), record(4, np.inf)]
+    losses, skipped = host_loop.finite_losses(records, skip_nonfinite=True, hint=str)
+    assert losses == [0.5, 0.25] and [r.step for r in skipped] == [2, 4]
+    hint = lambda r: f"clips {r.clips.tolist()}"  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"loss \(nan\) .* at step 2; clips \[2\]$"):
+        host_loop.finite_losses(records, skip_nonfinite=False, hint=hint)
+
+
+def test_checkpoints_are_due_at_the_interval_and_else_only_when_forced(tmp_path):
+    import ml_collections
+
+    every_3 = checkpoint.Checkpoints(tmp_path / "every_3", save_interval_steps=3)
+    # Not at step 1 of a fresh run (orbax's save_interval_steps option would save it).
+    assert [s for s in range(1, 10) if every_3.should_save(s)] == [3, 6, 9]
+    every_3.close()
+    ckpts = checkpoint.Checkpoints(tmp_path / "never")
+    assert not any(ckpts.should_save(s) for s in range(1, 10))
+    state = state_lib.TrainState(jnp.int32(2), {"w": jnp.ones(3)}, {"m": jnp.zeros(3)})
+    config = ml_collections.ConfigDict({"seed": 0})
+    ckpts.save(state, config=config, meta={})  # not due: nothing written
+    ckpts.wait()
+    assert ckpts.manager.all_steps() == []
+    ckpts.save(state, config=config, meta={}, force=True)
+    ckpts.wait()
+    assert ckpts.manager.all_steps() == [2]
+    ckpts.close()
 
 
 def test_prefetch_state_is_the_position_of_the_batches_used(settings):
@@ -160,9 +195,10 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, 
 
 def test_starting_training_does_not_import_torch():
     # tensorboardX imports torch whenever it is installed (as here, for the tests): 1.2 s of
-    # every start for type hints. The training module keeps it out; torch still imports after.
+    # every start for type hints. The training loop keeps it out; torch still imports after.
     code = (
-        "import sys, caer_jax.train; assert 'torch' not in sys.modules, 'torch imported'; "
+        "import sys, caer_jax.train; from caer_jax import trainer; "
+        "trainer.summary_writer_class(); assert 'torch' not in sys.modules, 'torch imported'; "
         "import torch; print(torch.__name__)"
     )
     run = subprocess.run(

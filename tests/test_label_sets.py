@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 import tiny_runs
 
-from caer_jax import checkpoint, convert, evaluation, label_sets, metrics, prompts, report, train
+from caer_jax import checkpoint, convert, evaluation, label_sets, metrics, prompts, report, trainer
 from caer_jax.data import synthetic
 from caer_jax.models import caer
 from configs import synthetic_tiny
@@ -138,7 +138,7 @@ def four_class_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("four")
     config = tiny_runs.config(tiny_runs.overrides(root, **{"model.label_set": write_set(root)}))
     workdir = root / "run"
-    results = train.train_and_evaluate(config, workdir)
+    results = trainer.train_and_evaluate(config, workdir)
     return config, workdir, results
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tiny_runs
 
-from caer_jax import distributed, evaluation, sharding, train
+from caer_jax import distributed, evaluation, sharding, trainer
 from caer_jax.data import feature_cache, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_
     config, root, workdir, _ = two_process_run
     on_devices(monkeypatch, 4)
     single = tmp_path / "one_process"
-    results = train.train_and_evaluate(config, single)
+    results = trainer.train_and_evaluate(config, single)
     assert_same_results(results, single, workdir, "2 processes vs 1")
 
 
@@ -161,7 +161,7 @@ def test_mid_epoch_checkpoint_of_two_processes_resumes_in_one(
     shutil.rmtree(resumed / "checkpoints/4")
     assert saved_steps(resumed) == [2]
     on_devices(monkeypatch, 4)
-    results = train.train_and_evaluate(config, resumed)
+    results = trainer.train_and_evaluate(config, resumed)
     assert_same_results(results, resumed, workdir, "resumed in 1 process vs 2 throughout")
 
 
@@ -264,7 +264,7 @@ def test_two_processes_build_the_feature_cache_and_train_from_it_as_one(
     config = tiny_runs.config({**tiny_overrides(root), **cached})
     config.data.feature_cache.dir = str(one / "cache")
     on_devices(monkeypatch, 4)
-    results = train.train_and_evaluate(config, one)
+    results = trainer.train_and_evaluate(config, one)
     assert_same_results(results, one, two, "feature cache: 2 processes vs 1")
 
     files = sorted(p.relative_to(two / "cache") for p in (two / "cache").rglob("*") if p.is_file())

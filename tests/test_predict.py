@@ -38,7 +38,13 @@ def trained(tmp_path_factory):
     )
     state = state_lib.create(params, optim.make_optimizer(params, config.optim, 1))
     ckpts = checkpoint.Checkpoints(workdir)
-    ckpts.save(state, config=config, meta={"epoch": 1, "protocol": "test"}, metrics={"uar": 50.0})
+    ckpts.save(
+        state,
+        config=config,
+        meta={"epoch": 1, "protocol": "test"},
+        metrics={"uar": 50.0},
+        force=True,
+    )
     ckpts.wait()
     ckpts.close()
     return config, workdir, model, params

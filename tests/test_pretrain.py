@@ -11,9 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from caer_jax import errors, pretrain, prompts
+from caer_jax import checkpoint, errors, pretrain, prompts
 from caer_jax.data import captions, pretrain_data, synthetic
-from caer_jax.models import caer, clip, clip_weights, export
+from caer_jax.models import caer, clip, clip_weights, contrastive, export
 from caer_jax.models import tokenizer as tokenizer_lib
 from configs import pretrain_tiny
 
@@ -160,8 +160,6 @@ def test_another_config_sets_old_checkpoints_aside_and_never_resumes_them(four_s
     config, tmp, result = four_steps
     import shutil
 
-    from caer_jax import checkpoint
-
     work = tmp_path / "work"
     shutil.copytree(tmp / "work", work)
     shutil.rmtree(work / pretrain.EXPORT_DIR)
@@ -170,7 +168,7 @@ def test_another_config_sets_old_checkpoints_aside_and_never_resumes_them(four_s
     data_fp = pretrain_data.fingerprint(changed.data, work / pretrain.TOKENIZER_DIR)
     new = pretrain.run_fingerprint(changed, data_fp)
     assert new != result["fingerprint"]
-    pretrain._set_aside_other_run(work, new)  # what pretrain() does first
+    checkpoint.set_aside_other_run(work, new)  # what pretrain() does first
     assert (work / f"checkpoints.{result['fingerprint']}" / "4").is_dir()
     assert not (work / "checkpoints").exists()
     # checkpoints copied in from another run are refused, not resumed from
@@ -194,7 +192,7 @@ def test_export_loads_as_a_clip_source_and_in_transformers_with_the_same_embeddi
     ids = tokenizer_lib.tokenize(tok, list(prompts.TEXT_TYPES["class_descriptor"]), 77)
     apply = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
     params = jax.device_get(jax.jit(model.init)(jax.random.key(1), pixels, ids)["params"])
-    want_image, want_text = apply(params, pretrain.model_pixels(jnp.asarray(pixels), "clip"), ids)
+    want_image, want_text = apply(params, caer.encoder_input(jnp.asarray(pixels), "clip"), ids)
     folder = export.write_folder(
         tmp_path / "clip",
         params,
@@ -235,7 +233,7 @@ def test_folding_the_pixel_normalisation_is_exact():
     ids = np.zeros((2, 77), np.int32)
     params = jax.jit(model.init)(jax.random.key(0), pixels, ids)["params"]
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))
-    want = encode(params, pretrain.model_pixels(jnp.asarray(pixels), "clip"))
+    want = encode(params, caer.encoder_input(jnp.asarray(pixels), "clip"))
     folded = export.fold_pixel_normalization(
         jax.device_get(params), caer.CLIP_PIXEL_MEAN, caer.CLIP_PIXEL_STD
     )
@@ -252,8 +250,8 @@ def test_config_values_are_in_range():
 
 def test_contrastive_loss_is_low_for_matching_pairs():
     x = jnp.eye(4, 8)
-    low, acc = pretrain.contrastive_loss(x, x, jnp.float32(100.0))
-    high, _ = pretrain.contrastive_loss(x, x[::-1], jnp.float32(100.0))
+    low, acc = contrastive.contrastive_loss(x, x, jnp.float32(100.0))
+    high, _ = contrastive.contrastive_loss(x, x[::-1], jnp.float32(100.0))
     assert float(low) < 1e-3 and float(acc) == 1.0 and float(high) > 10
 
 

@@ -2,7 +2,7 @@
 (2, 4) and (1, 8) fake CPU devices give the same losses and parameters (fp32, max |d| <= 1e-5);
 bfloat16 compute stays close to fp32; gradient accumulation gives the same update as one batch.
 
-The steps are train.jit_train_step with each mesh's shardings (sharding.tree_shardings,
+The steps are trainer.jit_train_step with each mesh's shardings (sharding.tree_shardings,
 sharding.batch_sharding), as train_and_evaluate does, on fixed random batches: the partitioning
 is what is tested, not the input pipeline.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from caer_jax import optim, sharding, train
+from caer_jax import optim, sharding, trainer
 from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import synthetic_tiny
@@ -108,7 +108,7 @@ def run_steps(config, mesh_shape, batches, *, grad_accum_steps: int = 1) -> Run:
     state = state_lib.create(params, tx)
     shardings = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, shardings)
-    step_fn = train.jit_train_step(
+    step_fn = trainer.jit_train_step(
         model,
         tx,
         streams=config.model.streams,

@@ -128,18 +128,10 @@ def split_dir(config: ml_collections.ConfigDict, split: str, encoder_sha256: str
     return Path(root) / split
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _refuse_if_stale(found: dict, expected: dict, where: Path) -> None:
-    found_flat, expected_flat = _flatten(found), _flatten(expected)
+    found_flat, expected_flat = (
+        flax.traverse_util.flatten_dict(tree, sep=".") for tree in (found, expected)
+    )
     changed = [
         f"{k}: {found_flat.get(k)!r} in the cache, {expected_flat.get(k)!r} now"
         for k in sorted(set(found_flat) | set(expected_flat))

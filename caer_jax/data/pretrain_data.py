@@ -314,3 +314,17 @@ class PairLoader:
             out[f"{stream}_ids"] = record[f"{stream}_ids"][int(rng.integers(k))]
         out["index"] = np.int32(index)
         return out
+
+
+def training_pairs(config: ml_collections.ConfigDict, tokenizer_dir: str | Path) -> PairSource:
+    """The pairs of config.data (built unless already there), refused when they are fewer than
+    one batch of config.train."""
+    folder = build(config.data, tokenizer_dir)
+    source = PairSource(folder, config.data)
+    if len(source) < config.train.batch_size:
+        raise errors.BadInputError(
+            f"{folder} holds {len(source)} pairs, fewer than one batch "
+            f"(config.train.batch_size={config.train.batch_size}); draw more clips "
+            "(config.data.num_clips) or lower the batch size"
+        )
+    return source

@@ -241,7 +241,7 @@ class CLIPCAER(nn.Module):
     def text_features(self) -> jax.Array:
         """L2-normalised class text features [n_cls, embed_dim] (float32)."""
         feats = self.text_encoder.encode(self.prompt_embeddings(), jnp.asarray(self._eot))
-        return _l2_normalize(feats.astype(jnp.float32))
+        return l2_normalize(feats.astype(jnp.float32))
 
     def _needed_streams(self, face: Any, context: Any) -> tuple[str, ...]:
         need = {"face": ("face",), "context": ("context",), "both": ("face", "context")}
@@ -259,10 +259,7 @@ class CLIPCAER(nn.Module):
         The feature cache calls this method, so cached and pixel paths share it exactly.
         """
         lead = pixels.shape[:-3]
-        frames = pixels.reshape(-1, *pixels.shape[-3:])
-        frames = pixels_to_unit_range(frames)
-        if self.pixel_normalization == "clip":
-            frames = (frames - jnp.asarray(CLIP_PIXEL_MEAN)) / jnp.asarray(CLIP_PIXEL_STD)
+        frames = encoder_input(pixels.reshape(-1, *pixels.shape[-3:]), self.pixel_normalization)
         feats = self.image_encoder(frames)
         return feats.reshape(*lead, feats.shape[-1])
 
@@ -281,7 +278,7 @@ class CLIPCAER(nn.Module):
             v = self.project_fc(jnp.concatenate(video, axis=-1))
         else:
             v = video[0]
-        v = _l2_normalize(v.astype(jnp.float32))
+        v = l2_normalize(v.astype(jnp.float32))
         text = self.text_features()
         logits = self.logit_scale * v @ text.T
         return logits, {"video_features": v, "text_features": text}
@@ -298,8 +295,8 @@ class CLIPCAER(nn.Module):
         features are then CLIP's own embeddings of the class texts. `train` is unused."""
         used = self._needed_streams(face_feats, context_feats)
         feats = {"face": face_feats, "context": context_feats}
-        frames = jnp.concatenate([_l2_normalize(feats[s].astype(jnp.float32)) for s in used], 1)
-        v = _l2_normalize(frames.mean(axis=1))
+        frames = jnp.concatenate([l2_normalize(feats[s].astype(jnp.float32)) for s in used], 1)
+        v = l2_normalize(frames.mean(axis=1))
         text = self.text_features()
         logits = self.logit_scale * v @ text.T
         return logits, {"video_features": v, "text_features": text}
@@ -346,7 +343,16 @@ def pixels_to_unit_range(pixels: jax.Array) -> jax.Array:
     return pixels
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def encoder_input(pixels: jax.Array, pixel_normalization: str) -> jax.Array:
+    """Pixels -> the image encoder's input: [0, 1] (pixels_to_unit_range), then CLIP's mean/std
+    normalisation when `pixel_normalization` is "clip"."""
+    x = pixels_to_unit_range(pixels)
+    if pixel_normalization == "clip":
+        x = (x - jnp.asarray(CLIP_PIXEL_MEAN)) / jnp.asarray(CLIP_PIXEL_STD)
+    return x
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from caer_jax import errors
 from caer_jax.models import hub
@@ -90,25 +91,11 @@ def _layer_count(keys: Any, pattern: str) -> int:
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path))
-        else:
-            out[path] = v
-    return out
+def _flatten(tree: Mapping) -> dict[str, Any]:
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 # ----------------------------------------------------------------------------------------------
