@@ -35,7 +35,7 @@ _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
-_DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->")
+_DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->")
 _WINDOW = re.compile(r"window=\{size=([\dx]+)(?:[^}]*?lhs_dilate=([\dx]+))?")
 # Instructions that move no data of their own (views, tuples, and the halves of async pairs whose
 # other half is charged).
@@ -223,6 +223,30 @@ def _dims(shape_text: str) -> list[int]:
     return [int(d) for d in array.group(2).split(",") if d] if array else []
 
 
+def _convolution_contraction(op: Instruction, shapes: dict[str, str]) -> int:
+    """Input elements one output element of a convolution sums over: the kernel's input
+    features times the window's taps that can meet real input. The TPU compiler writes matmuls
+    as convolutions whose windows only batch (a window over a size-1 dimension padded around it,
+    or one dilated by its own size): such a window meets one input element per output."""
+    labels = _DIM_LABELS.search(op.line)
+    lhs = _dims(shapes.get(op.operands[0], ""))
+    kernel = _dims(shapes.get(op.operands[1], ""))
+    if not (labels and len(lhs) == len(labels.group(1)) and len(kernel) == len(labels.group(2))):
+        return 0
+    lhs_labels, kernel_labels = labels.groups()
+    contracted = math.prod(
+        s for s, label in zip(kernel, kernel_labels, strict=True) if label == "i"
+    )
+    window = _WINDOW.search(op.line)
+    if window:
+        sizes = [int(x) for x in window.group(1).split("x")]
+        dilate = [int(x) for x in (window.group(2) or "").split("x") if x] or [1] * len(sizes)
+        for k, (size, d) in enumerate(zip(sizes, dilate, strict=True)):
+            extent = (lhs[lhs_labels.index(str(k))] - 1) * d + 1  # the dilated input's length
+            contracted *= -(-min(size, extent) // d)
+    return contracted
+
+
 def _matmul_flops(module: Module, inst: Instruction, shapes: dict[str, str]) -> float:
     """2 x output elements x contracted elements of the dots and convolutions in `inst` (itself,
     or the computation a fusion calls). A convolution contracts its kernel's input features and
@@ -242,20 +266,7 @@ def _matmul_flops(module: Module, inst: Instruction, shapes: dict[str, str]) -> 
                 continue
             contracted = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
         else:
-            labels = _DIM_LABELS.search(op.line)
-            kernel = _dims(shapes.get(op.operands[1], ""))
-            if not (labels and len(kernel) == len(labels.group(1))):
-                continue
-            contracted = math.prod(
-                s for s, label in zip(kernel, labels.group(1), strict=True) if label == "i"
-            )
-            window = _WINDOW.search(op.line)
-            if window:  # taps per output; a window dilated by its own size is a batch dimension
-                sizes = [int(x) for x in window.group(1).split("x")]
-                dilate = [int(x) for x in (window.group(2) or "").split("x") if x] or [1] * len(
-                    sizes
-                )
-                contracted *= math.prod(-(-s // d) for s, d in zip(sizes, dilate, strict=True))
+            contracted = _convolution_contraction(op, shapes)
         flops += 2.0 * out * contracted
     return flops
 
