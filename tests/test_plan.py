@@ -128,6 +128,7 @@ def _row(result: dict, program: str, batch: int) -> dict:
     return row
 
 
+@pytest.mark.slow  # a TPU compile
 def test_single_host_data_parallel_step_fits_and_all_reduces_gradients(tmp_path):
     run, result = _compiled_plan(tmp_path, "--topology=v5litepod-4", "--batches=8")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -154,6 +155,7 @@ def test_single_host_data_parallel_step_fits_and_all_reduces_gradients(tmp_path)
     assert "| train | 8 | yes |" in run.stdout
 
 
+@pytest.mark.slow  # a TPU compile
 def test_too_large_batch_is_a_row_with_the_compilers_figures(tmp_path):
     run, result = _compiled_plan(
         tmp_path,
@@ -174,6 +176,7 @@ def test_too_large_batch_is_a_row_with_the_compilers_figures(tmp_path):
     assert f"| train | {TOO_LARGE} | no: needs" in run.stdout
 
 
+@pytest.mark.slow  # a TPU compile
 def test_multi_host_fsdp_gathers_parameters_and_holds_a_share(tmp_path):
     run, result = _compiled_plan(
         tmp_path,
