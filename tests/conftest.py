@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Nothing under the user's ~/.cache: the persistent compilation cache that every training, eval
 # or bench process started by a test uses (caer_jax.compilation.DEFAULT_CACHE_DIR follows
 # XDG_CACHE_HOME), matplotlib's font list and the like go to a directory of this session, which
@@ -28,6 +30,17 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """test_pipeline's flat-colour TFDS fixture, built once per session for the pipeline, feature
+    cache and damaged-data tests (read only: damage is done to copies)."""
+    from test_pipeline import RaerPipelineFixture
+
+    path = tmp_path_factory.mktemp("tfds")
+    RaerPipelineFixture(data_dir=str(path), file_format="array_record").download_and_prepare()
+    return path
 
 
 def pytest_unconfigure(config):
