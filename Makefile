@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNS ?= runs
 
-.PHONY: setup setup-test demo bench test lint clean
+.PHONY: setup setup-test demo bench test test-fast lint clean
 
 # torch is pinned to the CPU wheel before the extras are installed, so that nothing pulls a CUDA build.
 $(VENV)/.setup: pyproject.toml
@@ -53,6 +53,11 @@ lint: setup-test
 
 test: lint
 	$(PY) -m pytest -n 2 --durations=15
+
+# The edit loop: every test but those marked slow (training runs of many steps, several
+# processes, TPU compiles), each of which a faster test covers at a smaller size or is end to end.
+test-fast: lint
+	$(PY) -m pytest -n 2 --durations=15 -m "not slow"
 
 clean:
 	rm -rf $(RUNS) data

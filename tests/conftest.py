@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from absl import flags
 
 # Nothing under the user's ~/.cache: the persistent compilation cache that every training, eval
@@ -34,6 +35,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # The tests run the library outside absl.app, whose flags are then unparsed; grain's worker
 # start-up reads one of its flags (caer_jax/data/pipeline.py), and every default is what we want.
 flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """test_pipeline's flat-colour TFDS fixture, built once per session for the pipeline, feature
+    cache and damaged-data tests (read only: damage is done to copies)."""
+    from test_pipeline import RaerPipelineFixture
+
+    path = tmp_path_factory.mktemp("tfds")
+    RaerPipelineFixture(data_dir=str(path), file_format="array_record").download_and_prepare()
+    return path
 
 
 def pytest_unconfigure(config):

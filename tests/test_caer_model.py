@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -258,3 +259,38 @@ def test_frozen_image_encoder_gets_no_gradient():
     for key in ("prompt_learner", "temporal_face", "project_fc"):
         for a, b in zip(jax.tree.leaves(g[key]), jax.tree.leaves(trained[key]), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def _dot_dtypes(jaxpr) -> list:
+    """The operand dtypes of every dot_general of `jaxpr` and of its sub-jaxprs (jit, remat)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append({v.aval.dtype for v in eqn.invars})
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else [param]:
+                if isinstance(sub, jex.core.ClosedJaxpr):
+                    found += _dot_dtypes(sub.jaxpr)
+                elif isinstance(sub, jex.core.Jaxpr):
+                    found += _dot_dtypes(sub)
+    return found
+
+
+def test_build_model_computes_in_the_configs_dtype():
+    # Built through build_model from config.model (test_clip's bf16 test builds CLIP itself):
+    # with dtype bfloat16 every matmul but the logits' cosine runs in bfloat16, the parameters
+    # being the same float32 ones.
+    model, params, _ = _build()
+    in_bfloat16, _ = caer.build_model(_cfg(dtype="bfloat16"), tokenizer=_tok())
+    face, context = _clips()
+
+    def dots(m):
+        closed = jax.make_jaxpr(lambda p: m.apply({"params": p}, face, context))(params)
+        assert closed.out_avals[0].dtype == jnp.float32  # the logits
+        return _dot_dtypes(closed.jaxpr)
+
+    in_fp32, in_bf16 = dots(model), dots(in_bfloat16)
+    assert len(in_fp32) == len(in_bf16) > 20
+    fp32, bf16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16)
+    assert all(d == {fp32} for d in in_fp32), in_fp32
+    assert sum(d == {bf16} for d in in_bf16) == len(in_bf16) - 1, in_bf16

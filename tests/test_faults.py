@@ -29,6 +29,9 @@ from caer_jax.data import pipeline, prepare
 from caer_jax.models import caer
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Training runs in subprocesses, killed and resumed: end to end, left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 4  # 32 train clips / batch 8
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 # A learning rate of 1e30 makes the first step's update ~1e30, so that the next forward pass

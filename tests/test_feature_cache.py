@@ -13,20 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pipeline import SIZE, TEST_FRAMES, RaerPipelineFixture
+from test_pipeline import SIZE, TEST_FRAMES
 
 from caer_jax import optim, steps
 from caer_jax import state as state_lib
 from caer_jax.data import feature_cache, pipeline
 from caer_jax.models import caer
 from configs import synthetic_tiny
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    RaerPipelineFixture(data_dir=str(path), file_format="array_record").download_and_prepare()
-    return path
 
 
 def _config(data_dir, cache_dir, **data):

@@ -29,6 +29,9 @@ from caer_jax import distributed, evaluation, sharding, trainer
 from caer_jax.data import feature_cache, prepare
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Training runs of two processes each: end to end, left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 NUM_CLIPS = 42
 NUM_TEST = 9
 EVAL_BATCH = 8

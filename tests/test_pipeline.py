@@ -77,13 +77,6 @@ class RaerPipelineFixture(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    RaerPipelineFixture(data_dir=str(path), file_format="array_record").download_and_prepare()
-    return path
-
-
-@pytest.fixture(scope="module")
 def records(data_dir):
     """Per split: clip index -> (num_frames, label, video_id) as the clip source orders them,
     read off the frame records themselves."""

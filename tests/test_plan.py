@@ -128,6 +128,7 @@ def _row(result: dict, program: str, batch: int) -> dict:
     return row
 
 
+@pytest.mark.slow  # a TPU compile
 def test_single_host_data_parallel_step_fits_and_all_reduces_gradients(tmp_path):
     run, result = _compiled_plan(tmp_path, "--topology=v5litepod-4", "--batches=8", "--breakdown")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -169,6 +170,7 @@ def test_single_host_data_parallel_step_fits_and_all_reduces_gradients(tmp_path)
     assert "unexpected worker hostname" not in run.stderr
 
 
+@pytest.mark.slow  # a TPU compile
 def test_too_large_batch_is_a_row_with_the_compilers_figures(tmp_path):
     run, result = _compiled_plan(
         tmp_path,
@@ -189,6 +191,7 @@ def test_too_large_batch_is_a_row_with_the_compilers_figures(tmp_path):
     assert f"| train | {TOO_LARGE} | no: needs" in run.stdout
 
 
+@pytest.mark.slow  # a TPU compile
 def test_multi_host_fsdp_gathers_parameters_and_holds_a_share(tmp_path):
     run, result = _compiled_plan(
         tmp_path,

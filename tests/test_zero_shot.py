@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tiny_runs
 
-from caer_jax import evaluation, label_sets, report
+from caer_jax import evaluation, label_sets, report, sharding
+from caer_jax.data import pipeline
 from caer_jax.models import caer
 from caer_jax.models import clip as clip_lib
 from caer_jax.models import tokenizer as tokenizer_lib
@@ -89,3 +90,30 @@ def test_zero_shot_evaluation_writes_a_report_row(tmp_path):
     assert 100 * np.mean(probs.argmax(-1) == labels) == pytest.approx(written["war"], abs=1e-3)
     line = next(x for x in report.table([workdir]).splitlines() if x.startswith(str(workdir)))
     assert line.split()[1:4] == ["both", "test", f"{written['uar']:.2f}"]
+
+    # The class texts that reached the text encoder are those of the config's text type: the
+    # written probabilities are those of a model given the descriptors' token ids directly, and
+    # not those of one given the class names'.
+    assert config.model.prompt.text_type == "class_descriptor"
+    descriptors, names = (
+        _zero_shot_probabilities(config, TEXT_TYPES[t]) for t in ("class_descriptor", "class_names")
+    )
+    np.testing.assert_allclose(probs, descriptors, atol=1e-5)  # written with 6 decimals
+    assert not np.allclose(probs, names, atol=1e-3)
+
+
+def _zero_shot_probabilities(config, texts) -> np.ndarray:
+    """[clips, classes] zero-shot probabilities of the test split with `texts` as the class
+    texts (tokenised here, not chosen by the config), sorted by video id as
+    tiny_runs.probabilities sorts the written ones."""
+    c = evaluation.zero_shot_config(config)
+    tok = tokenizer_lib.load_tokenizer(c.model.clip)
+    ids = tokenizer_lib.tokenize(tok, texts, c.model.clip.context_length)
+    model, _ = caer.build_model(c.model, prompt_token_ids=ids, num_frames=c.data.num_segments)
+    params = caer.init_params(model, c.model, jax.random.key(c.seed))
+    mesh = sharding.make_mesh(c.mesh)
+    step_fn = evaluation.make_eval_step(model, c, mesh, params, zero_shot=True)
+    predicted = evaluation.predict_split(step_fn, params, c, "test", mesh)
+    video_ids = pipeline.video_ids(c, "test")
+    rows = dict(zip((video_ids[i] for i in predicted["index"]), predicted["probs"], strict=True))
+    return np.array([rows[v] for v in sorted(rows)])
