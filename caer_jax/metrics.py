@@ -7,12 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def _check_range(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> None:
@@ -143,7 +140,8 @@ def plot_confusion_matrix(
 ) -> None:
     """Row-normalised confusion matrix with counts, as a PNG."""
     rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5))  # no pyplot: no backend, no display, nothing to close
+    ax = fig.subplots()
     image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -165,13 +163,13 @@ def plot_confusion_matrix(
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_curves(history: Sequence[dict], path: Path) -> None:
     """Training loss and evaluation WAR/UAR per epoch, as a PNG."""
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    loss_ax, score_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("train loss")
@@ -185,13 +183,13 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_pretrain_curves(history: Sequence[dict], path: Path) -> None:
     """Pretraining loss and in-batch image->text accuracy per logged step, as a PNG."""
     steps = [h["step"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(steps, [h["train_loss"] for h in history], marker="o")
     loss_ax.set_ylabel("contrastive loss")
     acc_ax.plot(steps, [100 * h["accuracy"] for h in history], marker="o")
@@ -201,4 +199,3 @@ def plot_pretrain_curves(history: Sequence[dict], path: Path) -> None:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -10,15 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.patches
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from tfds_raer.raer import raer_lib  # noqa: E402
+from tfds_raer.raer import raer_lib
 
 _THUMB_INCHES = 1.4  # width of one frame's column
 _BAR_INCHES = 3.5
@@ -66,7 +63,8 @@ def plot_prediction(
             f"{len(frames)} frames, {len(frame_indices)} indices, {len(boxes)} boxes, "
             f"{len(face)} face and {len(context)} context crops: expected one of each per frame"
         )
-    fig = plt.figure(
+    # A Figure without pyplot: no backend, no display, nothing to close (files only).
+    fig = Figure(
         figsize=(num_frames * _THUMB_INCHES + _BAR_INCHES, 3 * _THUMB_INCHES + 0.9),
         dpi=_DPI,
         layout="constrained",
@@ -119,4 +117,3 @@ def plot_prediction(
     fig.suptitle(title, fontsize=10)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
