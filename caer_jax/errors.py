@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import os
 import sys
-import types
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -91,30 +89,7 @@ def reported() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        _release_frames(e.__traceback__)
         fail(e)
-
-
-def _release_frames(tb: types.TracebackType | None) -> None:
-    """Frees what the frames of a reported error still hold, before the exit.
-
-    Its traceback is never shown, but its frames (and, through the traceback grain rebuilds from
-    a worker process's, the frames of grain's reader thread that they were called from) hold
-    what the failed code was using: batches in grain's shared memory, which is unlinked when
-    its arrays are deleted. Left to the interpreter's shutdown, they are not deleted in time,
-    and the resource tracker reports them as leaked shared memory after the error line."""
-    seen = set()
-    while tb is not None:
-        frame = tb.tb_frame
-        while frame is not None and id(frame) not in seen:
-            seen.add(id(frame))
-            try:
-                frame.clear()
-            except RuntimeError:  # still running: reported()'s callers
-                pass
-            frame = frame.f_back
-        tb = tb.tb_next
-    gc.collect()  # some of what they held is in reference cycles, which only a collection frees
 
 
 class ExitOnUserError(app.ExceptionHandler):

@@ -160,7 +160,9 @@ def test_single_host_data_parallel_step_fits_and_all_reduces_gradients(tmp_path)
     assert 0.85 * train["bytes_accessed"] < counted < 1.1 * train["bytes_accessed"]
     assert 0 < train["bytes_accessed_in_hbm"] <= counted
     assert {"image encoder: attention", "image encoder: MLP matmuls", "collectives"} <= set(parts)
-    assert sum(p["flops"] for p in parts.values()) == pytest.approx(train["flops"], rel=0.05)
+    # the parts count matmul FLOPs; the compiler also counts elementwise ones, a larger share of
+    # this tiny model than of ViT-B/32 (whose matmuls are within 0.3 % of its total)
+    assert 0.8 * train["flops"] < sum(p["flops"] for p in parts.values()) <= train["flops"]
     assert train["bytes_over_minimum"] == pytest.approx(
         train["bytes_accessed"] / train["minimum"]["total"]
     )

@@ -338,11 +338,7 @@ def eval_batches(
 def global_batch(host_batch: dict, mesh: jax.sharding.Mesh) -> dict:
     """Host batches of all processes -> global jax.Arrays split over ("data", "fsdp") on dim 0."""
     batch_sharding = sharding.batch_sharding(mesh)
-    # Copied: on CPU devices the arrays would otherwise alias the host memory, which for batches
-    # of grain's worker processes is shared memory that only the deletion of every array over
-    # it unlinks; an error that keeps a device batch to the process's exit then leaves it to
-    # the resource tracker, which reports it as leaked. (Accelerators copy it anyway.)
     return {
-        key: jax.make_array_from_process_local_data(batch_sharding, np.array(value))
+        key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
         for key, value in host_batch.items()
     }
