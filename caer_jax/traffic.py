@@ -30,6 +30,7 @@ import ml_collections
 from flax import traverse_util
 
 from caer_jax import hlo, optim
+from caer_jax.models import clip as clip_lib
 
 GB = 1e9
 
@@ -153,7 +154,6 @@ def analytic_minimum(
     """Bytes per chip an ideal train step of `config` must move (see the module docstring).
     `params` is the parameter tree (arrays or ShapeDtypeStructs); `fsdp` the mesh's fsdp size,
     over which the optimizer's reads and writes are split; `n_cls` the number of prompts."""
-    from caer_jax.models import clip as clip_lib
 
     compute = jax.numpy.dtype(clip_lib.dtype_from_name(config.model.dtype)).itemsize
     groups = optim.flat_groups(params, freeze_image_encoder=config.model.freeze_image_encoder)
