@@ -123,13 +123,16 @@ def breakdown(hlo_text: str) -> dict[str, Entry]:
 
 
 def _tokens_per_transformer(config: ml_collections.ConfigDict, clips: float, n_cls: int) -> dict:
-    """Tokens per chip that go through each transformer tower in one step."""
+    """Frames per chip in one step, the image tower's sequence length, and the tokens per chip
+    that go through each transformer tower."""
     clip_cfg = config.model.clip
     streams = 2 if config.model.streams == "both" else 1
     frames = clips * config.data.num_segments * streams
-    grid = (clip_cfg.image_size // clip_cfg.patch_size) ** 2
+    image_length = (clip_cfg.image_size // clip_cfg.patch_size) ** 2 + 1
     return {
-        "image": frames * (grid + 1) * (0 if config.data.feature_cache.enabled else 1),
+        "frames": frames,
+        "image_length": image_length,
+        "image": frames * image_length * (0 if config.data.feature_cache.enabled else 1),
         "text": n_cls * clip_cfg.context_length,
         "temporal": clips * streams * (config.data.num_segments + 1),
     }
@@ -172,10 +175,7 @@ def analytic_minimum(
         tokens["image"]
         * c.vision_layers
         * _saved_per_token(
-            c.vision_width,
-            c.vision_heads,
-            (c.image_size // c.patch_size) ** 2 + 1,
-            4 * c.vision_width,
+            c.vision_width, c.vision_heads, tokens["image_length"], 4 * c.vision_width
         )
         + tokens["text"]
         * c.text_layers
@@ -183,9 +183,6 @@ def analytic_minimum(
         + tokens["temporal"]
         * t.depth
         * _saved_per_token(c.embed_dim, t.heads, config.data.num_segments + 1, t.mlp_dim)
-    )
-    frames = (
-        batch_size / chips * config.data.num_segments * (2 if config.model.streams == "both" else 1)
     )
     minimum = {
         "parameters read (forward, backward)": 2 * used * compute,
@@ -197,7 +194,7 @@ def analytic_minimum(
         * (1 + state_per_param)
         / fsdp,
         "activations kept and their gradients": 4 * saved * compute,
-        "batch": frames * config.data.image_size**2 * 3,
+        "batch": tokens["frames"] * config.data.image_size**2 * 3,
     }
     minimum["total"] = sum(minimum.values())
     return minimum
