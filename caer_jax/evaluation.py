@@ -33,10 +33,11 @@ def make_eval_step(
     method = feature_cache.apply_method(config)
     if zero_shot:
         method = "zero_shot_from_features" if method == "from_features" else "zero_shot"
+    step = functools.partial(
+        steps.eval_step, model=model, streams=config.model.streams, method=method
+    )
     return jax.jit(
-        functools.partial(
-            steps.eval_step, model=model, streams=config.model.streams, method=method
-        ),
+        sharding.traced_for(mesh, step),
         in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

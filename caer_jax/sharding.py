@@ -6,7 +6,9 @@ parameters and of every optimizer-state tree that mirrors them (momentum, Adam m
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -54,6 +56,19 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Dimension 0 (the clip axis) split over every device of the mesh."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def traced_for(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn`, traced with `mesh` as the context's abstract mesh: to be jitted for that mesh. The
+    model's Pallas kernels (models/attention.py) read it to run per device under shard_map,
+    since XLA's partitioner cannot split a Mosaic kernel."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

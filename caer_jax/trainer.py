@@ -142,7 +142,7 @@ def jit_step(step_fn: Callable, *, state_shardings, mesh, replicated_args: int =
     (and donated), batches split over the mesh, the `replicated_args` further arguments and the
     metrics replicated."""
     return jax.jit(
-        step_fn,
+        sharding.traced_for(mesh, step_fn),
         in_shardings=(
             state_shardings,
             sharding.batch_sharding(mesh),

@@ -166,26 +166,3 @@ def test_dtype_names():
     assert clip_lib.dtype_from_name("bfloat16") == jnp.bfloat16
     with pytest.raises(ValueError, match="config.model.dtype"):
         clip_lib.dtype_from_name("fp8")
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_attention_weights_are_softmax_with_its_gradient(masked):
-    logits = jax.random.normal(jax.random.key(0), (2, 3, 7, 7)) * 3
-    mask = jnp.where(jnp.tril(jnp.ones((7, 7), bool)), 0.0, -jnp.inf) if masked else None
-    g = jax.random.normal(jax.random.key(1), logits.shape)
-    offset = 0.0 if mask is None else mask
-    reference = lambda x: jnp.sum(jax.nn.softmax(x * 0.125 + offset, axis=-1) * g)  # noqa: E731
-    ours = lambda x: jnp.sum(clip_lib.attention_weights(x, 0.125, mask) * g)  # noqa: E731
-    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
-    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), atol=1e-6)
-
-
-def test_bf16_attention_keeps_its_probabilities_in_bf16():
-    # The [batch, heads, tokens, tokens] tensors attention keeps for its backward pass are the
-    # narrow ones in a bf16 model: no float32 copy of the probabilities.
-    attention = clip_lib.MultiHeadAttention(32, 2, 1, jnp.bfloat16)
-    x = jax.ShapeDtypeStruct((2, 5, 32), jnp.float32)
-    params = jax.eval_shape(lambda: attention.init(jax.random.key(0), jnp.zeros(x.shape)))
-    backward = jax.eval_shape(lambda p, x: jax.vjp(attention.apply, p, x)[1], params, x)
-    scores = [leaf for leaf in jax.tree.leaves(backward) if leaf.shape == (2, 2, 5, 5)]
-    assert scores and {leaf.dtype for leaf in scores} == {jnp.dtype(jnp.bfloat16)}, scores

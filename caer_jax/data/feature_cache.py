@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from caer_jax import distributed, errors
+from caer_jax import distributed, errors, sharding
 from caer_jax.data import augment, clips, pipeline
 from caer_jax.models import caer
 
@@ -181,7 +181,9 @@ def _encode_fn(model, encoder_params: Any, frames_per_batch: int):
     params = jax.device_put({"image_encoder": encoder_params}, NamedSharding(mesh, P()))
     split_frames = NamedSharding(mesh, P("frames"))
     encode = jax.jit(
-        lambda p, x: model.apply({"params": p}, x, method="encode_frames"),
+        sharding.traced_for(
+            mesh, lambda p, x: model.apply({"params": p}, x, method="encode_frames")
+        ),
         in_shardings=(NamedSharding(mesh, P()), split_frames),
         out_shardings=NamedSharding(mesh, P()),
     )

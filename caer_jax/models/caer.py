@@ -17,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from caer_jax import errors, label_sets
+from caer_jax.models import attention
 from caer_jax.models import clip as clip_lib
 from caer_jax.models import tokenizer as tokenizer_lib
 
@@ -72,12 +73,7 @@ class TemporalBlock(nn.Module):
         )
         h = ln("attn_norm")(x)
         qkv = _torch_linear(3 * inner, self.dim, use_bias=False, dtype=self.dtype, name="to_qkv")(h)
-        q, k, v = (
-            t.reshape(*t.shape[:-1], self.heads, self.head_dim) for t in jnp.split(qkv, 3, -1)
-        )
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        attn = clip_lib.attention_weights(logits, self.head_dim**-0.5)
-        h = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(*x.shape[:-1], inner)
+        h = attention.multi_head(*jnp.split(qkv, 3, -1), self.heads)
         x = x + drop(_torch_linear(self.dim, inner, dtype=self.dtype, name="to_out")(h))
         h = ln("mlp_norm")(x)
         h = drop(tanh_gelu(_torch_linear(self.mlp_dim, self.dim, dtype=self.dtype, name="fc1")(h)))

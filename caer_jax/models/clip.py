@@ -5,13 +5,13 @@ chosen so that importers are a plain renaming (clip_weights.py): attention has s
 `v`, `out` Dense layers with bias, matrices are `[in, out]`, the patch kernel is HWIO on NHWC input.
 
 Parameters are float32; `dtype` is the compute dtype (softmax and layer-norm statistics stay in
-float32). `remat=True` rematerialises every residual block in the backward pass.
+float32). `remat=True` rematerialises every residual block in the backward pass. Attention is
+`attention.multi_head` (a Pallas kernel on TPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from caer_jax import errors
+from caer_jax.models import attention
 
 LN_EPS = 1e-5
 
@@ -130,93 +131,24 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def attention_weights(logits: jax.Array, scale: float, mask: jax.Array | None = None) -> jax.Array:
-    """softmax(logits * scale + mask) over the last axis, computed in float32 and returned (and
-    kept for the backward pass) in the logits' dtype.
-
-    In a bfloat16 model the scores and probabilities are the largest tensors of attention
-    (batch x heads x tokens x tokens, padded on TPU to tiles of 8 x 128): jax.nn.softmax on
-    float32 logits writes and keeps them in float32. Here the float32 arithmetic stays inside
-    the fused kernels and only the narrow tensors are stored. In a float32 model it is the plain
-    softmax.
-    """
-    return _attention_weights_fwd(logits, scale, mask)[0]
-
-
-def _attention_weights_fwd(logits, scale, mask):
-    x = logits.astype(jnp.float32) * scale
-    if mask is not None:
-        x = x + mask
-    weights = jax.nn.softmax(x, axis=-1).astype(logits.dtype)
-    return weights, (weights, mask)
-
-
-def _attention_weights_bwd(scale, residuals, g):
-    weights, mask = residuals
-    y, g = weights.astype(jnp.float32), g.astype(jnp.float32)
-    grad = y * (g - jnp.sum(g * y, axis=-1, keepdims=True)) * scale
-    return grad.astype(weights.dtype), None if mask is None else jnp.zeros_like(mask)
-
-
-attention_weights.defvjp(_attention_weights_fwd, _attention_weights_bwd)
-
-
-class HeadsDense(nn.Module):
-    """nn.Dense's parameters (`kernel` [width, width], `bias` [width]) between a width axis and
-    a (heads, head_dim) pair of axes: "split" maps [..., width] -> [..., heads, head_dim],
-    "merge" maps [..., heads, head_dim] -> [..., width].
-
-    The same function as nn.Dense followed (or preceded) by a reshape, with the reshape moved
-    onto the weight. On TPU the activations' tiled layouts put width (768) or head_dim (64) in
-    the minor dimension, so reshaping an activation between the two is a copy through HBM (in
-    the forward and again in the backward pass); reshaping the weight is a copy of the weight
-    alone.
-    """
-
-    heads: int
-    mode: str  # "split" or "merge"
-    kernel_init: Any
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1] if self.mode == "split" else x.shape[-2] * x.shape[-1]
-        head_dim = width // self.heads
-        kernel = self.param("kernel", self.kernel_init, (width, width), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (width,), jnp.float32)
-        x = x.astype(self.dtype)
-        if self.mode == "split":
-            kernel = kernel.reshape(width, self.heads, head_dim).astype(self.dtype)
-            return jnp.einsum("...w,whd->...hd", x, kernel) + bias.reshape(
-                self.heads, head_dim
-            ).astype(self.dtype)
-        kernel = kernel.reshape(self.heads, head_dim, width).astype(self.dtype)
-        return jnp.einsum("...hd,hdw->...w", x, kernel) + bias.astype(self.dtype)
-
-
 class MultiHeadAttention(nn.Module):
-    """CLIP attention: q/k/v/out Dense layers with bias; optional additive mask."""
+    """CLIP attention: q/k/v/out Dense layers with bias; causal in the text tower."""
 
     width: int
     heads: int
     layers: int  # of the whole tower, for the OpenAI init scale of the output projection
     dtype: Any = jnp.float32
+    causal: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        head_dim = self.width // self.heads
+    def __call__(self, x: jax.Array) -> jax.Array:
         std = self.width**-0.5
-        dense = lambda name, mode, s: HeadsDense(  # noqa: E731
-            self.heads, mode, _normal(s), self.dtype, name=name
+        dense = lambda name, s: nn.Dense(  # noqa: E731
+            self.width, dtype=self.dtype, kernel_init=_normal(s), name=name
         )
-        q = dense("q", "split", std)(x)
-        k = dense("k", "split", std)(x)
-        v = dense("v", "split", std)(x)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        weights = attention_weights(logits, head_dim**-0.5, mask)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return dense("out", "merge", std * (2 * self.layers) ** -0.5)(out)
+        q, k, v = (dense(name, std)(x) for name in "qkv")
+        out = attention.multi_head(q, k, v, self.heads, self.causal)
+        return dense("out", std * (2 * self.layers) ** -0.5)(out)
 
 
 class ResidualBlock(nn.Module):
@@ -226,13 +158,15 @@ class ResidualBlock(nn.Module):
     heads: int
     layers: int
     dtype: Any = jnp.float32
+    causal: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + MultiHeadAttention(self.width, self.heads, self.layers, self.dtype, name="attn")(
-            ln("ln_1")(x), mask
+        attention_layer = MultiHeadAttention(
+            self.width, self.heads, self.layers, self.dtype, self.causal, name="attn"
         )
+        x = x + attention_layer(ln("ln_1")(x))
         h = ln("ln_2")(x)
         h = nn.Dense(
             4 * self.width,
@@ -254,14 +188,14 @@ class Transformer(nn.Module):
     heads: int
     dtype: Any = jnp.float32
     remat: bool = False
+    causal: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
         for i in range(self.layers):
-            x = block(self.width, self.heads, self.layers, self.dtype, name=f"resblocks_{i}")(
-                x, mask
-            )
+            name = f"resblocks_{i}"
+            x = block(self.width, self.heads, self.layers, self.dtype, self.causal, name=name)(x)
         return x
 
 
@@ -334,7 +268,7 @@ class TextTransformer(nn.Module):
             "positional_embedding", _normal(0.01), (g.context_length, g.text_width)
         )
         self.transformer = Transformer(
-            g.text_width, g.text_layers, g.text_heads, self.dtype, self.remat
+            g.text_width, g.text_layers, g.text_heads, self.dtype, self.remat, causal=True
         )
         self.ln_final = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
         self.text_projection = self.param(
@@ -349,8 +283,7 @@ class TextTransformer(nn.Module):
         """Features [N, embed_dim] of token embeddings [N, L, width] pooled at eot_indices [N]."""
         n, length, _ = embeddings.shape
         x = embeddings.astype(self.dtype) + self.positional_embedding[:length].astype(self.dtype)
-        mask = jnp.where(jnp.tril(jnp.ones((length, length), bool)), 0.0, -jnp.inf)
-        x = self.transformer(x, mask.astype(jnp.float32))
+        x = self.transformer(x)
         x = self.ln_final(x)
         x = x[jnp.arange(n), eot_indices]
         return x @ self.text_projection.astype(self.dtype)
