@@ -183,7 +183,10 @@ def _pallas_call(kernel, arrays, outputs: int, heads: int, causal: bool):
     block = _sequences_per_block(batch, length, arrays[0].dtype.itemsize)
     spec = pl.BlockSpec((block, length, LANES), lambda i, j: (i, 0, j))
     shape = jax.ShapeDtypeStruct(arrays[0].shape, arrays[0].dtype)
-    array_bytes = arrays[0].size * arrays[0].dtype.itemsize
+    # What the DMAs move: each [tokens, 128] slab padded to whole (8 x 32-bit) sublane tiles.
+    rows_per_tile = 8 * 4 // arrays[0].dtype.itemsize
+    padded_length = -(-length // rows_per_tile) * rows_per_tile
+    array_bytes = batch * padded_length * width * arrays[0].dtype.itemsize
     return pl.pallas_call(
         functools.partial(kernel, head_dim=head_dim, scale=head_dim**-0.5, causal=causal),
         out_shape=[shape] * outputs,
