@@ -20,9 +20,18 @@ from absl import flags
 # subprocesses inherit through the environment and which is removed at the end.
 CACHE_HOME = tempfile.mkdtemp(prefix="caer_jax-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = CACHE_HOME
-os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+# One persistent compilation cache for the test process and its subprocesses, every program kept
+# however fast it compiled: the suite's many small trainings jit the same programs again and
+# again (in one process, each run's new jitted functions miss jax's in-memory cache).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(CACHE_HOME, "caer_jax", "jax")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# What backend.prepare_compile_only sets for caer_jax.plan: the tests that compile for a TPU in
+# their own process (test_traffic) may run in both xdist workers at once, and
+# libtpu's lockfile would refuse the second; compiling touches no TPU.
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+os.environ["TPU_SKIP_MDS_QUERY"] = "1"
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
