@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -89,7 +91,21 @@ def reported() -> Iterator[None]:
     try:
         yield
     except UserError as e:
+        # The failed call's frames may hold batches in a grain worker's shared memory, which is
+        # released when its arrays are freed: freed now, before the exit, not left to the
+        # interpreter's shutdown (multiprocessing would warn of "leaked shared_memory").
+        _clear_frames(e)
+        gc.collect()
         fail(e)
+
+
+def _clear_frames(error: BaseException | None) -> None:
+    """Drops the local variables of the frames of `error` and of the errors it was raised from."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 class ExitOnUserError(app.ExceptionHandler):
