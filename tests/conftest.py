@@ -20,10 +20,16 @@ from absl import flags
 # subprocesses inherit through the environment and which is removed at the end.
 CACHE_HOME = tempfile.mkdtemp(prefix="caer_jax-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = CACHE_HOME
-# One persistent compilation cache for the test process and its subprocesses, every program kept
-# however fast it compiled: the suite's many small trainings jit the same programs again and
-# again (in one process, each run's new jitted functions miss jax's in-memory cache).
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(CACHE_HOME, "caer_jax", "jax")
+# One persistent compilation cache for the session, every program kept however fast it compiled:
+# the suite's many small trainings jit the same programs again and again (in one process, each
+# run's new jitted functions miss jax's in-memory cache). The xdist workers and the commands the
+# tests start inherit it from the process that made it, pytest's controller.
+JAX_CACHE = os.environ.get("CAER_JAX_TESTS_JAX_CACHE")
+OWNS_JAX_CACHE = JAX_CACHE is None
+if OWNS_JAX_CACHE:
+    JAX_CACHE = tempfile.mkdtemp(prefix="caer_jax-tests-jax-")
+    os.environ["CAER_JAX_TESTS_JAX_CACHE"] = JAX_CACHE
+os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -59,3 +65,5 @@ def data_dir(tmp_path_factory):
 
 def pytest_unconfigure(config):
     shutil.rmtree(CACHE_HOME, ignore_errors=True)
+    if OWNS_JAX_CACHE:
+        shutil.rmtree(JAX_CACHE, ignore_errors=True)
