@@ -14,6 +14,8 @@ import tempfile
 import pytest
 from absl import flags
 
+from caer_jax import backend
+
 # Nothing under the user's ~/.cache: the persistent compilation cache that every training, eval
 # or bench process started by a test uses (caer_jax.compilation.DEFAULT_CACHE_DIR follows
 # XDG_CACHE_HOME), matplotlib's font list and the like go to a directory of this session, which
@@ -32,12 +34,10 @@ if OWNS_JAX_CACHE:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# What backend.prepare_compile_only sets for caer_jax.plan: the tests that compile for a TPU in
-# their own process (test_traffic) may run in both xdist workers at once, and
-# libtpu's lockfile would refuse the second; compiling touches no TPU.
-os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
-os.environ["TPU_SKIP_MDS_QUERY"] = "1"
+# The environment of caer_jax.plan (JAX_PLATFORMS=cpu unless set, libtpu allowed in several
+# processes, no metadata-server query): the tests that compile for a TPU in their own process
+# (test_traffic) may run in both xdist workers at once; compiling touches no TPU.
+backend.prepare_compile_only()
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
