@@ -16,7 +16,6 @@ import gc
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -100,11 +99,23 @@ def reported() -> Iterator[None]:
 
 
 def _clear_frames(error: BaseException | None) -> None:
-    """Drops the local variables of the frames of `error` and of the errors it was raised from."""
+    """Drops the local variables of the frames of `error` and of the errors it was raised from,
+    and of the frames that called them (grain rebuilds a worker's traceback over its reader
+    thread's frames); frames still running (reported()'s callers) keep theirs."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)
+        tb = error.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            while frame is not None and id(frame) not in seen:
+                seen.add(id(frame))
+                try:
+                    frame.clear()
+                except RuntimeError:  # still running
+                    pass
+                frame = frame.f_back
+            tb = tb.tb_next
         error = error.__cause__ or error.__context__
 
 

@@ -328,9 +328,10 @@ def test_check_command_status(data_dir, tmp_path):
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="open: batches that grain 0.2.18's worker made ahead in shared memory are not unlinked "
-    "when the worker stops on an error (the main process's are: errors.reported frees them)",
+    strict=False,  # how many are left depends on timing: 0 to 3 here
+    reason="open: batches that grain 0.2.18's worker made ahead in shared memory are not always "
+    "unlinked when the worker stops on an error (the main process's are: errors.reported frees "
+    "them)",
 )
 def test_a_damaged_shard_read_by_a_worker_process_leaves_no_shared_memory(data_dir, tmp_path):
     # Batches made by a grain worker process arrive in shared memory. A damaged record met after
@@ -338,6 +339,9 @@ def test_a_damaged_shard_read_by_a_worker_process_leaves_no_shared_memory(data_d
     # memory is released before the process exits: multiprocessing's resource tracker has no
     # "leaked shared_memory" warning to print after the error.
     bad_dir, path = damaged_copy(data_dir, tmp_path, lambda p: flip_bytes(p, 0.34, 0.38))
+    table = clips.open_split(NAME, "train", str(data_dir)).table
+    first_clip, _ = table.locate(min(unreadable_records(bad_dir)))
+    assert first_clip >= 8  # past the first eval batch (clips 0-7, one per device)
     result = subprocess.run(
         [
             sys.executable,
