@@ -24,7 +24,9 @@ parses them (absl.app); a script or notebook outside absl.app calls
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -256,6 +258,7 @@ def _iterate(
     )
     workers = worker_count(config)
     if workers > 0:
+        _unlink_freed_batches_at_exit()
         dataset = dataset.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=workers,
@@ -265,6 +268,31 @@ def _iterate(
     # Pixels stay uint8: the jitted step scales them (caer.pixels_to_unit_range). Batches made
     # by worker processes arrive in shared memory, which grain unlinks when the arrays are freed.
     return iter(dataset)
+
+
+@functools.cache  # registered once per process
+def _unlink_freed_batches_at_exit() -> None:
+    atexit.register(finish_shared_memory_unlinks)
+
+
+def finish_shared_memory_unlinks() -> None:
+    """Waits for the unlinking of worker batches already freed.
+
+    grain (0.2.x) unlinks a freed batch's shared memory on a background thread, which an exit
+    right after the last batches were freed (a command's `error:` line after a damaged record)
+    would stop with some of them still queued: multiprocessing's resource tracker then warns of
+    "leaked shared_memory objects". Registered with atexit, it runs before multiprocessing's own
+    exit handler ends that thread; batches freed after it are unlinked at once. grain has no
+    public call for this, hence its private attributes, read defensively: without the pool there
+    is nothing queued to wait for.
+    """
+    array_type = grain.multiprocessing.SharedMemoryArray
+    pool = getattr(array_type, "_del_thread_pool", None)
+    if pool is None:
+        return
+    pool.close()
+    pool.join()
+    array_type._disable_async_del()
 
 
 def train_iterator(
