@@ -43,10 +43,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
 # The tests run the library outside absl.app, whose flags are then unparsed; grain's worker
 # start-up reads one of its flags (caer_jax/data/pipeline.py), and every default is what we want.
 flags.FLAGS.mark_as_parsed()
@@ -61,6 +57,12 @@ def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds")
     RaerPipelineFixture(data_dir=str(path), file_format="array_record").download_and_prepare()
     return path
+
+
+def pytest_configure(config):
+    import jax  # here, after the environment above is set
+
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_unconfigure(config):
