@@ -51,13 +51,16 @@ lint: setup-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two workers, each taking whole test modules (--dist loadscope): a module's fixtures (a training
+# run, a built dataset) are then made once, not once per worker.
+PYTEST := $(PY) -m pytest -n 2 --dist loadscope --durations=15
 test: lint
-	$(PY) -m pytest -n 2 --durations=15
+	$(PYTEST)
 
-# The edit loop: every test but those marked slow (training runs of many steps, several
-# processes, TPU compiles), each of which a faster test covers at a smaller size or is end to end.
+# The edit loop: the in-process tests of the library's functions; those marked slow (a command in
+# its own process, a training run, a TPU compile) are left out.
 test-fast: lint
-	$(PY) -m pytest -n 2 --durations=15 -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(RUNS) data

@@ -9,6 +9,9 @@ import tiny_runs
 
 from caer_jax import ablate, errors
 
+# A grid of training runs: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 SETTINGS = {"data.num_segments": 4, "train.num_epochs": 1, "model.clip.vision_layers": 1}
 
 

@@ -11,6 +11,9 @@ import tiny_runs
 from caer_jax import bench_end_to_end
 from caer_jax.data import pipeline, prepare
 
+# Benchmark runs: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def test_bench_writes_consistent_model_figures(tmp_path):
     out = tmp_path / "bench.json"

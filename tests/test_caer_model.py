@@ -234,12 +234,13 @@ def test_encode_then_head_is_the_whole_model_and_uint8_is_scaled_in_the_graph():
     k1, k2 = jax.random.split(jax.random.key(5))
     face = jax.random.randint(k1, (2, T, 32, 32, 3), 0, 256).astype(jnp.uint8)
     context = jax.random.randint(k2, (2, T, 32, 32, 3), 0, 256).astype(jnp.uint8)
-    whole, _ = model.apply({"params": params}, face, context)
-    as_float, _ = model.apply({"params": params}, face / np.float32(255), context / np.float32(255))
+    apply = jax.jit(model.apply, static_argnames="method")
+    whole, _ = apply({"params": params}, face, context)
+    as_float, _ = apply({"params": params}, face / np.float32(255), context / np.float32(255))
     np.testing.assert_allclose(whole, as_float, rtol=1e-6, atol=1e-5)
-    feats = [model.apply({"params": params}, c, method="encode_frames") for c in (face, context)]
+    feats = [apply({"params": params}, c, method="encode_frames") for c in (face, context)]
     assert feats[0].shape == (2, T, 64) and feats[0].dtype == jnp.float32
-    split, _ = model.apply({"params": params}, *feats, method="from_features")
+    split, _ = apply({"params": params}, *feats, method="from_features")
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
 
 
@@ -253,9 +254,9 @@ def test_frozen_image_encoder_gets_no_gradient():
         logits, _ = m.apply({"params": p}, face, context, train=False)
         return jax.nn.log_softmax(logits)[:, 0].sum()
 
-    g = jax.grad(functools.partial(loss, frozen))(params)
+    g = jax.jit(jax.grad(functools.partial(loss, frozen)))(params)
     assert not any(np.any(x) for x in jax.tree.leaves(g["image_encoder"]))
-    trained = jax.grad(functools.partial(loss, model))(params)
+    trained = jax.jit(jax.grad(functools.partial(loss, model)))(params)
     for key in ("prompt_learner", "temporal_face", "project_fc"):
         for a, b in zip(jax.tree.leaves(g[key]), jax.tree.leaves(trained[key]), strict=True):
             np.testing.assert_array_equal(a, b)

@@ -37,7 +37,7 @@ def _ids(n=3, length=16, eot=(5, 9, 15)):
 def _init(geometry=TINY, **kw):
     model = clip_lib.CLIP(geometry, **kw)
     imgs = jnp.ones((2, geometry.image_size, geometry.image_size, 3)) * 0.5
-    params = model.init(jax.random.key(0), imgs, _ids())
+    params = jax.jit(model.init)(jax.random.key(0), imgs, _ids())
     return model, params, imgs
 
 
@@ -54,7 +54,7 @@ def test_param_tree_and_shapes():
     assert blk["fc"]["kernel"].shape == (32, 128)
     assert p["text"]["token_embedding"]["embedding"].shape == (100, 32)
     assert p["text"]["text_projection"].shape == (32, 24)
-    img, txt = model.apply(params, imgs, _ids())
+    img, txt = jax.jit(model.apply)(params, imgs, _ids())
     assert img.shape == (2, 24) and txt.shape == (3, 24)
     assert img.dtype == jnp.float32
 
@@ -106,8 +106,8 @@ def _features_loss(remat: bool):
 def test_remat_gives_the_same_outputs_and_gradients():
     model, params, _ = _init()
     imgs = jax.random.uniform(jax.random.key(5), (2, 32, 32, 3))
-    ref = model.apply(params, imgs, _ids())
-    out = clip_lib.CLIP(TINY, remat=True).apply(params, imgs, _ids())
+    ref = jax.jit(model.apply)(params, imgs, _ids())
+    out = jax.jit(clip_lib.CLIP(TINY, remat=True).apply)(params, imgs, _ids())
     for a, b in zip(out, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     # Rematerialisation recomputes the forward pass in the backward pass: the same function, so
@@ -143,8 +143,8 @@ def test_remat_keeps_fewer_activations_for_the_backward_pass():
 
 def test_bf16_compute_stays_close_to_fp32():
     model, params, imgs = _init()
-    ref = model.apply(params, imgs, _ids())
-    out16 = clip_lib.CLIP(TINY, dtype=jnp.bfloat16).apply(params, imgs, _ids())
+    ref = jax.jit(model.apply)(params, imgs, _ids())
+    out16 = jax.jit(clip_lib.CLIP(TINY, dtype=jnp.bfloat16).apply)(params, imgs, _ids())
     for name, a, b in zip(("image", "text"), out16, ref, strict=True):
         assert a.dtype == jnp.bfloat16
         rel = float(np.abs(np.asarray(a, np.float32) - b).max() / np.abs(b).max())

@@ -351,6 +351,7 @@ def _tiny_official(tmp_path, config):
     return path, sd
 
 
+@pytest.mark.slow  # the command in its own process
 def test_cli_writes_a_checkpoint_that_restores(tmp_path):
     config = synthetic_tiny.get_config("scratch")
     path, sd = _tiny_official(tmp_path, config)
@@ -381,6 +382,7 @@ def test_cli_writes_a_checkpoint_that_restores(tmp_path):
         convert.main_convert(path, synthetic_tiny.get_config("scratch"), tmp_path / "run")
 
 
+@pytest.mark.slow  # the command in its own process
 def test_cli_converts_with_the_heads_given_and_records_them(tmp_path):
     # The case: text heads given on the command line, the config file's width another.
     config = synthetic_tiny.get_config("scratch")
@@ -411,6 +413,7 @@ def test_cli_converts_with_the_heads_given_and_records_them(tmp_path):
     assert (clip["text_width"], clip["text_heads"]) == (128, 4)  # not OpenAI's 128 // 64
 
 
+@pytest.mark.slow  # the command in its own process
 def test_cli_refuses_prompts_that_train_would_not_rebuild(tmp_path):
     config = synthetic_tiny.get_config("scratch")
     path, _ = _tiny_official(tmp_path, config)

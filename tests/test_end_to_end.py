@@ -17,6 +17,8 @@ from caer_jax.data import pipeline
 from caer_jax.models import caer
 
 REPO = Path(__file__).resolve().parents[1]
+# Training runs and the commands in their own processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 # predictions.csv of one device against this process's 8-device evaluation: the CSV's 6 decimals.
 PROB_TOL = 1e-5
 # The learning test, measured on x86 CPU: the mean train loss fell from 7.73 (epoch 1: random
@@ -132,7 +134,6 @@ def test_eval_cli_restores_the_checkpoint_on_one_device(trained, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=0, atol=PROB_TOL)
 
 
-@pytest.mark.slow  # 80 training steps; the module's other tests train 8
 def test_training_brings_the_loss_down_and_train_accuracy_above_chance(trained):
     # 80 steps (20 epochs of 4; the learning rate x0.1 for the last 5) on the module's 32 training
     # clips, with a smaller model (4 frames, one layer per CLIP tower) for speed; the seeds are

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from test_errors import TINY, assert_user_error, python, run
 
+# Every test runs the commands in their own processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -28,6 +28,9 @@ from caer_jax.data import prepare
 from caer_jax.models import hub
 from configs import synthetic_tiny
 
+# Every test but one runs a command in its own process: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 TFDS = Path(sys.executable).parent / "tfds"
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connections are refused at once

@@ -112,8 +112,8 @@ def test_cache_holds_the_encoder_features_of_every_stored_frame(built):
 
 
 def _loss_and_grads(model, params, batch, method):
-    def loss(p):
-        face, context = steps.stream_inputs(batch, "both")
+    def loss(p, inputs):
+        face, context = steps.stream_inputs(inputs, "both")
         logits, _ = model.apply(
             {"params": p},
             face,
@@ -122,9 +122,11 @@ def _loss_and_grads(model, params, batch, method):
             rngs={"dropout": jax.random.key(7)},
             method=method,
         )
-        return steps.cross_entropy(logits, batch["label"]), logits
+        return steps.cross_entropy(logits, inputs["label"]), logits
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    # The batch is an argument, not a constant of the program: one compile serves every batch.
+    inputs = {key: batch[key] for key in ("face", "context", "label")}
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params, inputs)
 
 
 def test_cached_path_gives_the_pixel_paths_batches_logits_and_gradients(built):
@@ -161,13 +163,12 @@ def test_eval_batches_from_the_cache_match_the_pixel_path(built):
     cached = list(feature_cache.eval_batches(config, "test", params, **args))
     pixels = list(feature_cache.eval_batches(_pixel_config(config), "test", params, **args))
     assert len(cached) == len(pixels) == 2
+    apply = jax.jit(model.apply, static_argnames="method")
     for a, b in zip(cached, pixels, strict=True):
         np.testing.assert_array_equal(a["index"], b["index"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
-        logits_a, _ = model.apply(
-            {"params": params}, a["face"], a["context"], method="from_features"
-        )
-        logits_b, _ = model.apply({"params": params}, b["face"], b["context"])
+        logits_a, _ = apply({"params": params}, a["face"], a["context"], method="from_features")
+        logits_b, _ = apply({"params": params}, b["face"], b["context"])
         keep = a["mask"]
         np.testing.assert_allclose(logits_a[keep], logits_b[keep], rtol=1e-5, atol=1e-5)
 
@@ -245,6 +246,7 @@ def test_frozen_encoder_gets_no_update_and_no_optimizer_state(built):
     )
 
 
+@pytest.mark.slow  # two training runs
 def test_training_from_the_cache_equals_training_on_pixels_with_a_frozen_encoder(tmp_path):
     """train_and_evaluate end to end, 8 devices: the same losses, selection and test predictions,
     and the frozen encoder is the one in the checkpoint."""

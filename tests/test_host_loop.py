@@ -55,6 +55,7 @@ def _reference_parameters(config) -> dict:
     return jax.device_get(state.params)
 
 
+@pytest.mark.slow  # two training runs
 def test_prefetch_and_lazy_reads_give_the_plain_loops_parameters(settings, tmp_path):
     config = tiny_runs.config(settings)
     prepare.prepare_data(config)
@@ -158,6 +159,7 @@ def test_prefetch_state_is_the_position_of_the_batches_used(settings):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # commands in their own processes
 def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, tmp_path):
     cache = tmp_path / "cache"
     for name, seed in (("first", 42), ("second", 7)):
@@ -193,6 +195,7 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(settings, 
     )
 
 
+@pytest.mark.slow  # commands in their own processes
 def test_starting_training_does_not_import_torch():
     # tensorboardX imports torch whenever it is installed (as here, for the tests): 1.2 s of
     # every start for type hints. The training loop keeps it out; torch still imports after.

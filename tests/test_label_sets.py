@@ -142,6 +142,7 @@ def four_class_run(tmp_path_factory):
     return config, workdir, results
 
 
+@pytest.mark.slow  # a training run
 def test_four_class_set_builds_trains_and_evaluates(four_class_run):
     config, workdir, results = four_class_run
     metrics = json.loads((workdir / "metrics.json").read_text())
@@ -162,6 +163,7 @@ def test_four_class_set_builds_trains_and_evaluates(four_class_run):
     assert list(summary["per_class"]) == FOUR["class_names"]
 
 
+@pytest.mark.slow  # a training run
 def test_five_class_checkpoint_refuses_four_class_data(four_class_run, tmp_path):
     four_config, _, _ = four_class_run
     config = tiny_runs.config(tiny_runs.overrides(tmp_path))

@@ -104,6 +104,7 @@ def test_detector_finds_the_astronaut_and_crops_like_the_builder():
     assert context[0, :4].max() == 0.0 and context[0, -4:].max() == 0.0
 
 
+@pytest.mark.slow  # the CLIP-CAER forward of a whole clip
 def test_video_with_a_face(trained, tmp_path):
     config, workdir, model, params = trained
     video = write_video(tmp_path / "face.avi", [face_frame(shift=i) for i in range(12)])
@@ -128,6 +129,7 @@ def test_video_with_a_face(trained, tmp_path):
     )
 
 
+@pytest.mark.slow  # the CLIP-CAER forward of a whole clip
 def test_figure_shows_the_clip_and_its_probabilities(trained, tmp_path):
     config, workdir, model, params = trained
     # magenta frames: no face, so every thumbnail (frame, face crop = whole frame, letterboxed
@@ -151,6 +153,7 @@ def test_figure_shows_the_clip_and_its_probabilities(trained, tmp_path):
     assert orange[:, 1100:].sum() > 1000
 
 
+@pytest.mark.slow  # the CLIP-CAER forward of a whole clip
 def test_faceless_video_and_frame_folder_still_get_a_prediction(trained, tmp_path):
     config, workdir, model, params = trained
     frames = [landscape_frame(shift=3 * i) for i in range(5)]
@@ -170,6 +173,7 @@ def test_faceless_video_and_frame_folder_still_get_a_prediction(trained, tmp_pat
         assert "no face found in 8 of 8 sampled frames" in result["warnings"][0]
 
 
+@pytest.mark.slow  # the CLIP-CAER forward of a whole clip
 def test_bad_inputs_name_the_path(trained, tmp_path):
     config, workdir, model, params = trained
     missing = tmp_path / "missing.mp4"
@@ -208,6 +212,7 @@ def _cli(workdir, path, home, *extra):
     )
 
 
+@pytest.mark.slow  # the command in its own process
 def test_cli_json_line_and_clear_error(trained, tmp_path):
     config, workdir, model, params = trained
     video = write_video(tmp_path / "face.avi", [face_frame(shift=i) for i in range(12)])

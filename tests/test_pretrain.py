@@ -126,6 +126,7 @@ def four_steps(tmp_path_factory):
     return config, tmp, result
 
 
+@pytest.mark.slow  # pretraining runs
 def test_a_few_steps_export_a_folder_reused_while_config_and_data_agree(four_steps):
     config, tmp, result = four_steps
     folder = result["export"]
@@ -141,6 +142,7 @@ def test_a_few_steps_export_a_folder_reused_while_config_and_data_agree(four_ste
     assert pretrain.run_fingerprint(changed, data_fp) != result["fingerprint"]
 
 
+@pytest.mark.slow  # pretraining runs
 def test_resume_gives_the_same_weights(four_steps, tmp_path):
     config, tmp, result = four_steps
     import shutil
@@ -156,6 +158,7 @@ def test_resume_gives_the_same_weights(four_steps, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # pretraining runs
 def test_another_config_sets_old_checkpoints_aside_and_never_resumes_them(four_steps, tmp_path):
     config, tmp, result = four_steps
     import shutil
@@ -177,6 +180,7 @@ def test_another_config_sets_old_checkpoints_aside_and_never_resumes_them(four_s
         pretrain.pretrain(changed, work)
 
 
+@pytest.mark.slow  # pretraining runs
 def test_export_loads_as_a_clip_source_and_in_transformers_with_the_same_embeddings(tmp_path):
     """The exported folder, read by our loader (config.model.clip.source) and by transformers'
     CLIPModel, on [0, 1] pixels gives the embeddings of the weights it was written from on
@@ -255,6 +259,7 @@ def test_contrastive_loss_is_low_for_matching_pairs():
     assert float(low) < 1e-3 and float(acc) == 1.0 and float(high) > 10
 
 
+@pytest.mark.slow  # pretraining runs
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -272,6 +277,7 @@ def test_bad_settings_are_named(four_steps, tmp_path, overrides, message):
         pretrain.pretrain(config, tmp_path / "work")
 
 
+@pytest.mark.slow  # the command in its own process
 def test_command_line_error_is_one_line(tmp_path):
     proc = subprocess.run(
         [

@@ -81,6 +81,7 @@ def test_runs_of_one_folder_that_differ_otherwise_are_not_averaged(tmp_path):
     ) in text
 
 
+@pytest.mark.slow  # the command in its own process
 def test_errors_name_the_folder(tmp_path):
     write_run(tmp_path / "a", seed=1, right=6)
     write_run(tmp_path / "b", seed=1, right=7)

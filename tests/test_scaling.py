@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from caer_jax import optim, sharding, trainer
+from caer_jax import optim, sharding, steps, trainer
 from caer_jax import state as state_lib
 from caer_jax.models import caer
 from configs import synthetic_tiny
@@ -159,6 +159,7 @@ def fp32_runs():
     return config, batches, runs
 
 
+@pytest.mark.slow  # training runs on several meshes
 def test_fsdp_meshes_really_shard_the_parameters(fp32_runs):
     _, _, runs = fp32_runs
     for shape, run in runs.items():
@@ -173,6 +174,7 @@ def test_fsdp_meshes_really_shard_the_parameters(fp32_runs):
             assert all(s.spec == P() or "fsdp" in s.spec for s in jax.tree.leaves(shardings))
 
 
+@pytest.mark.slow  # training runs on several meshes
 def test_losses_and_parameters_do_not_depend_on_the_mesh(fp32_runs):
     _, _, runs = fp32_runs
     ref_losses, ref_params, *_ = runs[(1, 1)]
@@ -189,6 +191,7 @@ def test_losses_and_parameters_do_not_depend_on_the_mesh(fp32_runs):
         assert delta <= FP32_TOL, (shape, delta)
 
 
+@pytest.mark.slow  # training runs on several meshes
 def test_bfloat16_loss_stays_close_to_float32(fp32_runs):
     config, batches, runs = fp32_runs
     ref_losses = runs[(1, 1)].losses
@@ -206,6 +209,7 @@ def test_bfloat16_loss_stays_close_to_float32(fp32_runs):
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(run.params))
 
 
+@pytest.mark.slow  # training runs on several meshes
 def test_gradient_accumulation_gives_the_same_update(monkeypatch):
     config = scaling_config()
     monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", 2**10)
@@ -225,9 +229,14 @@ def test_gradient_accumulation_gives_the_same_update(monkeypatch):
 
 
 def test_gradient_accumulation_must_divide_the_batch():
-    config = scaling_config()
-    with pytest.raises(ValueError, match="grad_accum_steps"):
-        run_steps(config, (1, 1), fixed_batches(config, 1, 6), grad_accum_steps=4)
+    batch = {"label": np.arange(6, dtype=np.int32), "face": np.zeros((6, 2, 8, 8, 3), np.uint8)}
+    with pytest.raises(
+        ValueError, match="grad_accum_steps=4 does not divide the global batch of 6"
+    ):
+        steps.micro_batches(batch, 4)
+    split = steps.micro_batches(batch, 3)
+    assert split["face"].shape == (3, 2, 2, 8, 8, 3)
+    np.testing.assert_array_equal(split["label"], [[0, 3], [1, 4], [2, 5]])  # strided rows
 
 
 @pytest.mark.parametrize("name,millions", [("clip_caer_b16", 154), ("clip_caer_l14", 435)])

@@ -131,7 +131,7 @@ def test_the_step_differentiates_and_updates_only_the_trainable_parameters():
         )
         return steps.cross_entropy(logits, batch["label"])
 
-    grads = flax.traverse_util.flatten_dict(jax.grad(loss)(params))
+    grads = flax.traverse_util.flatten_dict(jax.jit(jax.grad(loss))(params))
     groups = optim.flat_groups(params)
     norm = lambda keys: float(np.sqrt(sum(float(np.sum(np.square(grads[k]))) for k in keys)))
     trainable = [k for k in grads if groups[k] != optim.FROZEN]
@@ -140,23 +140,24 @@ def test_the_step_differentiates_and_updates_only_the_trainable_parameters():
     jax.tree.map(np.testing.assert_array_equal, new.params["text_encoder"], params["text_encoder"])
 
 
-def _compiled_step_hlo(config) -> str:
-    """The optimized HLO text of the train step of `config`, compiled from shapes alone."""
+@functools.cache
+def _compiled_step_hlo() -> hlo.Module:
+    """The optimized HLO of the tiny config's train step, compiled from shapes alone, with a text
+    width of its own (48): the text MLP's kernels [48, 192] and [192, 48] are then the only
+    parameters of those shapes, and a dot producing one of them is a weight gradient."""
+    config = tiny_config()
+    config.model.clip.text_width = 48
     model, _ = caer.build_model(config.model, num_frames=config.data.num_segments)
     params = jax.eval_shape(lambda: caer.init_params(model, config.model, jax.random.key(0)))
     tx = optim.make_optimizer(params, config.optim, steps_per_epoch=4)
     state = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch(0))
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, streams="both"))
-    return step.lower(state, batch, jax.random.key(0)).compile().as_text()
+    return hlo.Module.parse(step.lower(state, batch, jax.random.key(0)).compile().as_text())
 
 
 def test_the_compiled_step_has_no_weight_gradient_of_the_frozen_text_encoder():
-    # A text width of its own (48), so that the text MLP's kernels [48, 192] and [192, 48] are
-    # the only parameters of those shapes: a dot producing one of them is a weight gradient.
-    config = tiny_config()
-    config.model.clip.text_width = 48
-    module = hlo.Module.parse(_compiled_step_hlo(config))
+    module = _compiled_step_hlo()
     dots = [i for insts in module.computations.values() for i in insts if i.opcode == "dot"]
     shapes = [re.match(r"f32\[([\d,]*)\]", d.shape).group(1) for d in dots]
     # the image encoder's MLP kernel gradient is there: the check reads weight gradients
@@ -167,7 +168,7 @@ def test_the_compiled_step_has_no_weight_gradient_of_the_frozen_text_encoder():
 def test_a_skipped_step_is_a_conditional_not_a_select_over_the_parameters():
     # The update runs under lax.cond: parameters and momentum are written once, in place; a
     # select between old and new values would read both and write a third copy of each.
-    module = hlo.Module.parse(_compiled_step_hlo(tiny_config()))
+    module = _compiled_step_hlo()
     kinds = [i.opcode for insts in module.computations.values() for i in insts]
     assert "conditional" in kinds
     kernel = "f32[64,256]"  # the image encoder's MLP kernel

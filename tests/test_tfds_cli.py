@@ -10,10 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tensorflow_datasets as tfds
 
 from caer_jax.data import clips, synthetic
 from tfds_raer.raer.raer_dataset_builder import Builder
+
+# `tfds build` in its own process: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TFDS = Path(sys.executable).parent / "tfds"  # the console script installed by tensorflow-datasets

@@ -158,6 +158,7 @@ def test_libtpu_start_up_noise_is_one_line():
     assert out.stderr.strip() == backend.NOISE_NOTE
 
 
+@pytest.mark.slow  # a TPU compile
 def test_attention_on_tpu_is_the_kernel_with_no_scores_or_layout_changes_in_memory():
     # Compiled for one v5e chip, a block of 4 heads of 64 (ViT-B's head size) runs its attention
     # as the Pallas kernels (forward and backward): no [8, 4, 50, 50] score or probability

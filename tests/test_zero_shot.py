@@ -1,6 +1,7 @@
 """Zero-shot CLIP (`caer_jax.eval --zero_shot`): CLIP's own text embeddings of the class texts
 against the clip's mean L2-normalised frame embeddings, written as every evaluation is."""
 
+import functools
 import json
 
 import jax
@@ -43,21 +44,22 @@ def test_logits_are_clip_cosines_of_the_class_texts_and_mean_frame_embeddings(te
         jax.random.uniform(k, (2, T, SIZE, SIZE, 3)) for k in jax.random.split(jax.random.key(1))
     )
     feed = {"both": (face, context), "face": (face, None), "context": (None, context)}[streams]
-    logits, _ = model.apply({"params": params}, *feed, method="zero_shot")
+    zero_shot = jax.jit(functools.partial(model.apply, method="zero_shot"))
+    logits, _ = zero_shot({"params": params}, *feed)
 
     # The same numbers through the plain CLIP towers: the class texts alone (no "X" context),
     # every frame of the used streams embedded (after the config's CLIP pixel normalisation),
     # normalised, averaged, normalised.
     assert cfg.pixel_normalization == "clip"
-    clip_towers = clip_lib.CLIP(model.geometry)
+    towers_apply = jax.jit(clip_lib.CLIP(model.geometry).apply, static_argnames="method")
     towers = {"params": {"visual": params["image_encoder"], "text": params["text_encoder"]}}
 
     def encode_image(x):
         x = (x - np.asarray(caer.CLIP_PIXEL_MEAN)) / np.asarray(caer.CLIP_PIXEL_STD)
-        return np.asarray(clip_towers.apply(towers, x, method="encode_image"))
+        return np.asarray(towers_apply(towers, x, method="encode_image"))
 
     ids = tokenizer_lib.tokenize(tok, TEXT_TYPES[text_type], model.geometry.context_length)
-    text = _unit(np.asarray(clip_towers.apply(towers, ids, method="encode_text")))
+    text = _unit(np.asarray(towers_apply(towers, ids, method="encode_text")))
     frames = np.concatenate([x for x in feed if x is not None], axis=1)  # [2, T or 2T, ...]
     embedded = encode_image(frames.reshape(-1, SIZE, SIZE, 3))
     video = _unit(_unit(embedded).reshape(2, -1, embedded.shape[-1]).mean(1))
@@ -66,10 +68,11 @@ def test_logits_are_clip_cosines_of_the_class_texts_and_mean_frame_embeddings(te
     still = jax.numpy.repeat(face[:, :1], T, axis=1)
     single = _unit(encode_image(face[:, 0]))
     if streams == "face":
-        repeated, _ = model.apply({"params": params}, still, None, method="zero_shot")
+        repeated, _ = zero_shot({"params": params}, still, None)
         np.testing.assert_allclose(repeated, cfg.logit_scale * single @ text.T, atol=2e-4)
 
 
+@pytest.mark.slow  # the evaluation loop
 def test_zero_shot_evaluation_writes_a_report_row(tmp_path):
     config = tiny_runs.config(tiny_runs.overrides(tmp_path, num_clips=20))
     workdir = tmp_path / "zero_shot"
