@@ -30,6 +30,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -78,7 +79,13 @@ def _shape_bytes(shape_text: str, tiled: bool = True, hbm_only: bool = False) ->
     return total
 
 
-def _tuple_elements(shape_text: str) -> list[str]:
+def on_chip(shape_text: str) -> bool:
+    """Whether an array of this shape (or an element of this tuple) is in an on-chip memory
+    space: its layout names one (`S(n)`, n > 0)."""
+    return bool(_MEMORY_SPACE.search(shape_text))
+
+
+def tuple_elements(shape_text: str) -> list[str]:
     """The top-level elements of a tuple shape "(a, (b, c), d)"; [shape] for an array."""
     shape_text = shape_text.strip()
     if not shape_text.startswith("("):
@@ -106,6 +113,11 @@ class Instruction:
     op_name: str
     calls: str | None
     line: str
+
+    @property
+    def custom_call_target(self) -> str | None:
+        found = _CUSTOM_CALL_TARGET.search(self.line)
+        return found.group(1) if found else None
 
     @property
     def branches(self) -> list[str]:
@@ -194,7 +206,7 @@ def collectives(hlo_text: str) -> dict:
             continue
         shape = inst.shape
         if inst.opcode.endswith("-start") and kind != "all-reduce":
-            shape = _tuple_elements(shape)[1]
+            shape = tuple_elements(shape)[1]
         totals[kind]["count"] += times
         totals[kind]["bytes"] += times * _shape_bytes(shape, tiled=False)
     return {kind: value for kind, value in totals.items() if value["count"]}
@@ -294,7 +306,7 @@ def op_costs(hlo_text: str) -> list[OpCost]:
             return 0  # its -start is charged
         if inst.opcode.endswith("-start"):
             # (operands, results, context): a copy or slice reads what it writes
-            operands, results = _tuple_elements(inst.shape)[:2]
+            operands, results = tuple_elements(inst.shape)[:2]
             return (
                 _shape_bytes(operands, hbm_only=hbm_only) + _shape_bytes(results, hbm_only=hbm_only)
                 if hbm_only

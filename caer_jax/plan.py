@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -263,6 +264,7 @@ def plan_program(
         row["breakdown"] = {
             part: dataclasses.asdict(entry) for part, entry in traffic.breakdown(text).items()
         }
+        row["on_chip_staging_bytes"] = traffic.on_chip_staging(text)
     # The compiler's count adds the traffic of on-chip memory (v4's CMEM prefetches and their
     # reassembly count twice or more); the HBM bound divides only what moves to or from HBM.
     in_hbm = float(sum(op.hbm_bytes for op in hlo.op_costs(text)))
@@ -365,6 +367,8 @@ def make_plan(
         "params_bytes_per_chip": per_device_bytes(state.params),
         "trainable_params_bytes_per_chip": per_device_bytes(_trainable(state.params, config)),
         "versions": {"jax": jax.__version__, "libtpu": _libtpu_version()},
+        # the TPU compiler's options set through the environment (they change the program)
+        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
         "note": "predicted_* and roofline figures are predictions from a lower bound, not "
         "measurements",
         "rows": [],
@@ -458,6 +462,8 @@ def table(plan: dict) -> str:
         f"{plan['remat']}, grad_accum {plan['grad_accum_steps']}; HBM "
         f"{_gb(plan['chip']['hbm_bytes'])} GB per chip; clips/s are predictions (roofline)"
     )
+    if plan.get("libtpu_init_args"):
+        head += f"; LIBTPU_INIT_ARGS={plan['libtpu_init_args']}"
     lines = [
         head,
         "",
@@ -508,7 +514,9 @@ def breakdown_table(row: dict, top: int = 12) -> str:
         f"(the compiler's count; {_gb(counted)} GB in its operations below, "
         f"{_gb(row['bytes_accessed_in_hbm'])} GB of them in HBM), analytic minimum "
         f"{_gb(minimum['total'])} GB: {row['bytes_over_minimum']:.2f}x "
-        f"({row['bytes_accessed_in_hbm'] / minimum['total']:.2f}x of what is in HBM)",
+        f"({row['bytes_accessed_in_hbm'] / minimum['total']:.2f}x of what is in HBM); "
+        f"{_gb(row['on_chip_staging_bytes'])} GB of the operations are the compiler's moves "
+        "into and out of on-chip memory",
         "",
         "| part | GB forward | GB backward | GB copies | GB | of which in HBM | TFLOP |",
         "|---|---|---|---|---|---|---|",

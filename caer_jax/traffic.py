@@ -74,8 +74,17 @@ class Entry:
         return self.bytes_forward + self.bytes_backward + self.copies
 
 
-# Operations that move a result between memory spaces or layouts without computing anything.
-_MOVES = {"copy", "copy-start", "slice-start", "custom-call", "reshape", "transpose"}
+# Operations that move a result between memory spaces or layouts without computing anything:
+# copies, reshapes and transposes, and the custom call by which the TPU compiler reassembles an
+# array it prefetched in chunks (ConcatBitcast). A Pallas kernel (tpu_custom_call) computes.
+_MOVES = {"copy", "copy-start", "slice-start", "reshape", "transpose"}
+_MOVING_CUSTOM_CALLS = {"ConcatBitcast"}
+
+
+def _moves(inst: hlo.Instruction) -> bool:
+    if inst.opcode == "custom-call":
+        return inst.custom_call_target in _MOVING_CUSTOM_CALLS
+    return inst.opcode in _MOVES
 
 
 def breakdown(hlo_text: str) -> dict[str, Entry]:
@@ -103,7 +112,7 @@ def breakdown(hlo_text: str) -> dict[str, Entry]:
             parts["collectives"].in_hbm += cost.hbm_bytes
             continue
         inst = producers[cost.name]
-        moved = cost.opcode in _MOVES and not cost.flops
+        moved = _moves(inst) and not cost.flops
         op_name = (
             cost.op_name if cost.op_name else origin(inst.operands[0] if inst.operands else "")
         )
@@ -117,6 +126,32 @@ def breakdown(hlo_text: str) -> dict[str, Entry]:
         else:
             entry.bytes_forward += cost.bytes
     return dict(sorted(parts.items(), key=lambda kv: -kv[1].bytes))
+
+
+def on_chip_staging(hlo_text: str) -> float:
+    """Bytes of the moves into and out of on-chip memory spaces (v4's CMEM: prefetches, their
+    reassembly, evictions) that the compiler's memory-space assignment schedules, as
+    `hlo.op_costs` charges them. The consumers' reads of what was staged are not included."""
+    module = hlo.Module.parse(hlo_text)
+    producers = {i.name: i for insts in module.computations.values() for i in insts}
+    staged = 0.0
+    for cost in hlo.op_costs(hlo_text):
+        inst = producers[cost.name]
+        if not _moves(inst) or cost.flops:
+            continue
+        # a -start's tuple is (source, destination, context): the context (a sync flag) is
+        # always on chip, the arrays tell whether the move touches on-chip memory
+        arrays = (
+            hlo.tuple_elements(inst.shape)[:2]
+            if inst.opcode.endswith("-start")
+            else [
+                inst.shape,
+                *(producers[o].shape for o in inst.operands if o in producers),
+            ]
+        )
+        if any(hlo.on_chip(a) for a in arrays):
+            staged += cost.bytes
+    return staged
 
 
 # ----------------------------------------------------------------------------- the minimum

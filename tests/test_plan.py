@@ -21,11 +21,11 @@ TINY = "--config=configs/synthetic_tiny.py:scratch"
 TOO_LARGE = 16384
 
 
-def _plan(*args, out: Path | None = None) -> subprocess.CompletedProcess:
+def _plan(*args, out: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "caer_jax.plan", "--compilation_cache=", *args]
     if out is not None:
         command.append(f"--out={out}")
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -116,9 +116,9 @@ def test_without_libtpu_one_error_line():
 # One plan (one process) per test, so that parallel workers never compile the same one twice.
 
 
-def _compiled_plan(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
+def _compiled_plan(tmp_path, *args, env=None) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "plan.json"
-    run = _plan(TINY, *args, out=out)
+    run = _plan(TINY, *args, out=out, env=env)
     assert out.exists(), run.stderr[-3000:]
     return run, json.loads(out.read_text())
 
@@ -197,6 +197,9 @@ def test_too_large_batch_is_a_row_with_the_compilers_figures(tmp_path):
 
 @pytest.mark.slow  # a TPU compile
 def test_multi_host_fsdp_gathers_parameters_and_holds_a_share(tmp_path):
+    # Compiled without v4's on-chip CMEM staging: the compiler's options in LIBTPU_INIT_ARGS
+    # reach the program (no array in memory space 3) and the plan records them.
+    cmem_off = "--xla_tpu_cmem_memory_space_assignment=false"
     run, result = _compiled_plan(
         tmp_path,
         "--topology=v4:2x2x2",
@@ -204,7 +207,12 @@ def test_multi_host_fsdp_gathers_parameters_and_holds_a_share(tmp_path):
         "--programs=train",
         "--config.mesh.data=1",
         "--config.mesh.fsdp=8",
+        f"--hlo_dir={tmp_path}",
+        env={**os.environ, "LIBTPU_INIT_ARGS": cmem_off},
     )
+    assert result["libtpu_init_args"] == cmem_off
+    assert f"LIBTPU_INIT_ARGS={cmem_off}" in run.stdout
+    assert "S(3)" not in (tmp_path / "train_8.hlo.txt").read_text()
     assert run.returncode == 0, run.stderr[-3000:]
     assert (result["chips"], result["hosts"]) == (8, 2)
     assert result["mesh"] == {"data": 1, "fsdp": 8}

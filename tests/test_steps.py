@@ -70,10 +70,15 @@ def train_step(optim_config, grad_accum_steps: int = 1):
     return state_lib.create(params, tx), step_fn
 
 
+@functools.cache
+def default_train_step():
+    """train_step of the tiny config's optimizer, compiled once for the tests that share it."""
+    return train_step(tiny_config().optim)
+
+
 def test_the_train_step_draws_dropout_from_its_key():
-    config = tiny_config()
-    assert config.model.temporal.dropout > 0
-    state, step_fn = train_step(config.optim)
+    assert tiny_config().model.temporal.dropout > 0
+    state, step_fn = default_train_step()
     batch = random_batch(0)
     losses = {}
     for seed in (0, 0, 1):
@@ -115,9 +120,8 @@ def test_the_step_differentiates_and_updates_only_the_trainable_parameters():
     # grad_norm is the norm of the trainable parameters' gradients: the frozen text encoder's
     # weights get none (their gradient, which the prompts' path would give them, is not computed)
     # and come back as they went in.
-    config = tiny_config()
     model, params = model_and_params()
-    state, step_fn = train_step(config.optim)
+    state, step_fn = default_train_step()
     batch = random_batch(0)
     new, metrics = step_fn(state, batch, jax.random.key(3))
 

@@ -17,7 +17,8 @@ from configs import clip_caer_b32
 
 # An excerpt of a compiled TPU program: a fusion holding a 1x1 convolution (the TPU compiler's
 # matmul) on tiled arrays, an asynchronous copy of a parameter into on-chip memory (S(3)) and the
-# fusion that reads it there, and a conditional whose costlier branch is charged.
+# fusion that reads it there, a conditional whose costlier branch is charged, a Pallas kernel
+# and the custom call that reassembles a parameter prefetched in chunks.
 _HLO = """\
 HloModule jit_train_step, is_scheduled=true
 
@@ -55,6 +56,8 @@ ENTRY %main.1 (x: f32[64,50,768], w: bf16[768,768], t: f32[5,77], v: f32[8], b: 
   %copy-done.1 = f32[5,77]{1,0:T(8,128)S(3)} copy-done(%copy-start.1)
   %fusion.2 = f32[5,77]{1,0:T(8,128)} fusion(%copy-done.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(train_step)/jvp(CLIPCAER)/text_encoder.encode/transformer/resblocks_0/ln_1/add"}
   %conditional.1 = f32[8]{0:T(128)} conditional(%b, %v, %v), branch_computations={%cheap, %costly}
+  %kernel.1 = f32[64,50,768]{2,1,0:T(8,128)} custom-call(%x), custom_call_target="tpu_custom_call", metadata={op_name="jit(train_step)/jvp(CLIPCAER)/image_encoder/transformer/resblocks_3/attn/cond/branch_0_fun/shard_map/attention_kernel/pallas_call"}
+  %custom-call.1 = bf16[768,768]{1,0:T(8,128)(2,1)S(3)} custom-call(%w), custom_call_target="ConcatBitcast"
   ROOT %r = f32[64,50,768]{2,0,1:T(8,128)} copy(%fusion.1), metadata={op_name="jit(train_step)/jvp(CLIPCAER)/image_encoder/transformer/resblocks_3/attn/q/dot_general"}
 }
 """
@@ -84,11 +87,22 @@ def test_breakdown_names_model_parts_and_passes():
     parts = traffic.breakdown(_HLO)
     mlp = parts["image encoder: MLP matmuls"]
     assert mlp.bytes_backward == 2 * ACTIVATION + WEIGHT and mlp.bytes_forward == 0
-    # the copy of the matmul's result is charged to the part that made it
+    # the copy of the matmul's result is charged to the part that made it; the Pallas kernel
+    # computes (its bytes are the attention's own), the reassembly of a prefetch only moves
     attention = parts["image encoder: attention"]
     assert attention.copies == 2 * ACTIVATION
+    # (its result tokens-minor: 50 tokens padded to 56 rows of the 8 x 128 tiles)
+    assert attention.bytes_forward == ACTIVATION + 64 * 56 * 768 * 4
+    # (beside the parameter t's copy into on-chip memory)
+    assert parts["parameters (prefetch)"].copies == 2 * WEIGHT + 2 * TILED_5x77
     text = parts["text encoder and prompts"]
     assert text.bytes_forward == 2 * TILED_5x77
+
+
+def test_on_chip_staging_is_the_moves_into_and_out_of_on_chip_memory():
+    # the copy of t into S(3) and the reassembly of the prefetched weight; not the copy of the
+    # matmul's result in HBM, nor the kernel or the fusion that reads t on chip
+    assert traffic.on_chip_staging(_HLO) == 2 * TILED_5x77 + 2 * WEIGHT
 
 
 @pytest.mark.parametrize(
