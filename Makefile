@@ -58,9 +58,16 @@ test: lint
 	$(PYTEST)
 
 # The edit loop: the in-process tests of the library's functions; those marked slow (a command in
-# its own process, a training run, a TPU compile) are left out.
+# its own process, a training run, a TPU compile) are left out. Their compiled programs are kept
+# between runs in .cache/jax-tests (jax's persistent cache, keyed by each program's HLO, the
+# compiler and its options, so an edited program compiles again; least recently used entries
+# go beyond 2 GB): most of a rerun's programs are loaded instead of compiled. `make test`, what
+# CI runs, starts from an empty cache each time.
+TEST_CACHE := $(CURDIR)/.cache/jax-tests
 test-fast: lint
-	$(PYTEST) -m "not slow"
+	mkdir -p $(TEST_CACHE)
+	CAER_JAX_TESTS_JAX_CACHE=$(TEST_CACHE) JAX_COMPILATION_CACHE_MAX_SIZE=2000000000 \
+		$(PYTEST) -m "not slow"
 
 clean:
-	rm -rf $(RUNS) data
+	rm -rf $(RUNS) data .cache
