@@ -211,12 +211,12 @@ def test_multi_host_fsdp_gathers_parameters_and_holds_a_share(tmp_path):
         f"--compilation_cache={tmp_path / 'cache'}",
         env={**os.environ, "LIBTPU_INIT_ARGS": cmem_off},
     )
+    assert run.returncode == 0, run.stderr[-3000:]
     # Nothing stored in a persistent compilation cache: a compile-only client could not load it.
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert result["libtpu_init_args"] == cmem_off
     assert f"LIBTPU_INIT_ARGS={cmem_off}" in run.stdout
     assert "S(3)" not in (tmp_path / "train_8.hlo.txt").read_text()
-    assert run.returncode == 0, run.stderr[-3000:]
     assert (result["chips"], result["hosts"]) == (8, 2)
     assert result["mesh"] == {"data": 1, "fsdp": 8}
     train = _row(result, "train", 8)

@@ -91,7 +91,7 @@ def test_breakdown_names_model_parts_and_passes():
     # computes (its bytes are the attention's own), the reassembly of a prefetch only moves
     attention = parts["image encoder: attention"]
     assert attention.copies == 2 * ACTIVATION
-    # (its result tokens-minor: 50 tokens padded to 56 rows of the 8 x 128 tiles)
+    # (its result has the 50 tokens in the tiles' rows: padded to 56 rows of 8 x 128 tiles)
     assert attention.bytes_forward == ACTIVATION + 64 * 56 * 768 * 4
     # (beside the parameter t's copy into on-chip memory)
     assert parts["parameters (prefetch)"].copies == 2 * WEIGHT + 2 * TILED_5x77
