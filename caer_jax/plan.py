@@ -264,7 +264,7 @@ def plan_program(
         row["breakdown"] = {
             part: dataclasses.asdict(entry) for part, entry in traffic.breakdown(text).items()
         }
-        row["on_chip_staging_bytes"] = traffic.on_chip_staging(text)
+        row["on_chip_staging_bytes"] = sum(e["staged"] for e in row["breakdown"].values())
     # The compiler's count adds the traffic of on-chip memory (v4's CMEM prefetches and their
     # reassembly count twice or more); the HBM bound divides only what moves to or from HBM.
     in_hbm = float(sum(op.hbm_bytes for op in hlo.op_costs(text)))

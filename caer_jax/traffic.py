@@ -68,6 +68,9 @@ class Entry:
     copies: float = 0.0  # memory-space and layout copies of this part's results
     flops: float = 0.0
     in_hbm: float = 0.0  # of all its bytes, those read from or written to HBM
+    # of its copies, the moves into and out of on-chip memory spaces (v4's CMEM: prefetches,
+    # their reassembly, evictions) that the compiler's memory-space assignment schedules
+    staged: float = 0.0
 
     @property
     def bytes(self) -> float:
@@ -121,6 +124,8 @@ def breakdown(hlo_text: str) -> dict[str, Entry]:
         entry.in_hbm += cost.hbm_bytes
         if moved:
             entry.copies += cost.bytes
+            if _touches_on_chip_memory(inst, producers):
+                entry.staged += cost.bytes
         elif "transpose(" in op_name:
             entry.bytes_backward += cost.bytes
         else:
@@ -128,30 +133,15 @@ def breakdown(hlo_text: str) -> dict[str, Entry]:
     return dict(sorted(parts.items(), key=lambda kv: -kv[1].bytes))
 
 
-def on_chip_staging(hlo_text: str) -> float:
-    """Bytes of the moves into and out of on-chip memory spaces (v4's CMEM: prefetches, their
-    reassembly, evictions) that the compiler's memory-space assignment schedules, as
-    `hlo.op_costs` charges them. The consumers' reads of what was staged are not included."""
-    module = hlo.Module.parse(hlo_text)
-    producers = {i.name: i for insts in module.computations.values() for i in insts}
-    staged = 0.0
-    for cost in hlo.op_costs(hlo_text):
-        inst = producers[cost.name]
-        if not _moves(inst) or cost.flops:
-            continue
-        # a -start's tuple is (source, destination, context): the context (a sync flag) is
-        # always on chip, the arrays tell whether the move touches on-chip memory
-        arrays = (
-            hlo.tuple_elements(inst.shape)[:2]
-            if inst.opcode.endswith("-start")
-            else [
-                inst.shape,
-                *(producers[o].shape for o in inst.operands if o in producers),
-            ]
-        )
-        if any(hlo.on_chip(a) for a in arrays):
-            staged += cost.bytes
-    return staged
+def _touches_on_chip_memory(move: hlo.Instruction, producers: dict) -> bool:
+    """Whether a move reads or writes an array in an on-chip memory space. A -start's tuple is
+    (source, destination, context): the context (a sync flag) is always on chip, so only the
+    two arrays tell."""
+    if move.opcode.endswith("-start"):
+        arrays = hlo.tuple_elements(move.shape)[:2]
+    else:
+        arrays = [move.shape, *(producers[o].shape for o in move.operands if o in producers)]
+    return any(hlo.on_chip(a) for a in arrays)
 
 
 # ----------------------------------------------------------------------------- the minimum

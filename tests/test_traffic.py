@@ -102,7 +102,8 @@ def test_breakdown_names_model_parts_and_passes():
 def test_on_chip_staging_is_the_moves_into_and_out_of_on_chip_memory():
     # the copy of t into S(3) and the reassembly of the prefetched weight; not the copy of the
     # matmul's result in HBM, nor the kernel or the fusion that reads t on chip
-    assert traffic.on_chip_staging(_HLO) == 2 * TILED_5x77 + 2 * WEIGHT
+    parts = traffic.breakdown(_HLO)
+    assert sum(entry.staged for entry in parts.values()) == 2 * TILED_5x77 + 2 * WEIGHT
 
 
 @pytest.mark.parametrize(
