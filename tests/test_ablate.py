@@ -12,7 +12,7 @@ from caer_jax import ablate, errors
 # A grid of training runs: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
 
-SETTINGS = {"data.num_segments": 4, "train.num_epochs": 1, "model.clip.vision_layers": 1}
+SETTINGS = {"train.num_epochs": 1}
 
 
 def test_a_grid_trains_every_cell_and_tables_its_runs(tmp_path):

@@ -46,7 +46,7 @@ def test_bench_writes_consistent_model_figures(tmp_path):
 def test_end_to_end_parts_on_a_small_build(tmp_path):
     """The pieces of `bench --end_to_end` that do not need the paper geometry: repeated records,
     the pipeline per worker count and the per-stage host costs, and their printout."""
-    settings = tiny_runs.overrides(tmp_path, **{"data.num_segments": 4, "train.batch_size": 2})
+    settings = tiny_runs.overrides(tmp_path, **{"train.batch_size": 2})
     config = tiny_runs.config(settings)
     prepare.prepare_data(config)
     repeated = bench_end_to_end.repeat_clips_of(

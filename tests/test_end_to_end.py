@@ -118,6 +118,7 @@ def test_eval_cli_restores_the_checkpoint_on_one_device(trained, tmp_path):
             f"--config.data.data_dir={config.data.data_dir}",
             f"--config.data.synthetic.manual_dir={config.data.synthetic.manual_dir}",
             f"--config.data.synthetic.num_clips={config.data.synthetic.num_clips}",
+            *tiny_runs.flags(tiny_runs.GEOMETRY),
         ],
         capture_output=True,
         text=True,
@@ -136,9 +137,9 @@ def test_eval_cli_restores_the_checkpoint_on_one_device(trained, tmp_path):
 
 def test_training_brings_the_loss_down_and_train_accuracy_above_chance(trained):
     # 80 steps (20 epochs of 4; the learning rate x0.1 for the last 5) on the module's 32 training
-    # clips, with a smaller model (4 frames, one layer per CLIP tower) for speed; the seeds are
-    # the config's. (40 steps at a constant rate sufficed for the class-text tokenizer alone; with
-    # the caption words the random init differs and the epoch loss still bounced at 1.8-2.3.)
+    # clips, with the tests' small model (tiny_runs.GEOMETRY); the seeds are the config's. (40
+    # steps at a constant rate sufficed for the class-text tokenizer alone; with the caption
+    # words the random init differs and the epoch loss still bounced at 1.8-2.3.)
     config, _, _ = trained
     root = Path(config.data.synthetic.manual_dir).parent
     settings = tiny_runs.overrides(
@@ -146,9 +147,6 @@ def test_training_brings_the_loss_down_and_train_accuracy_above_chance(trained):
         **{
             "train.num_epochs": LEARN_EPOCHS,
             "optim.milestones": (LEARN_EPOCHS - 5,),
-            "data.num_segments": 4,
-            "model.clip.vision_layers": 1,
-            "model.clip.text_layers": 1,
             "train.log_every_steps": 4,
         },
     )

@@ -267,8 +267,9 @@ def converted(tmp_path_factory):
     config.model.clip.source a hub id that no cache holds."""
     root = tmp_path_factory.mktemp("offline")
     settings = tiny_runs.overrides(root, num_clips=10, **{"train.num_epochs": 1})
-    prepare.prepare_data(tiny_runs.config(settings))
-    path, _ = _tiny_official(root, synthetic_tiny.get_config("scratch"))
+    config = tiny_runs.config(settings)
+    prepare.prepare_data(config)
+    path, _ = _tiny_official(root, config)
     flags = [TINY, *tiny_runs.flags(settings), f"--config.model.clip.source={HUB_ID}"]
     start = time.perf_counter()
     result = python(

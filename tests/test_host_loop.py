@@ -34,9 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
-    return tiny_runs.overrides(
-        root, **{"train.num_epochs": 1, "train.log_every_steps": 3, "data.num_segments": 4}
-    )
+    return tiny_runs.overrides(root, **{"train.num_epochs": 1, "train.log_every_steps": 3})
 
 
 def _reference_parameters(config) -> dict:

@@ -47,9 +47,6 @@ def tiny_overrides(root: Path) -> dict:
         root,
         NUM_CLIPS,
         **{
-            "data.num_segments": 4,
-            "model.clip.vision_layers": 1,
-            "model.clip.text_layers": 1,
             "train.num_epochs": 1,
             "train.log_every_steps": 1,
             "train.eval_batch_size": EVAL_BATCH,
