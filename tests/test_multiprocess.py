@@ -191,13 +191,13 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_proc
         *(str(REPO / "launch/local.sh"), "--devices-per-process", "2", "--port", str(free_port())),
         *("2", "caer_jax.train", f"--config={REPO / 'configs/synthetic_tiny.py:scratch'}"),
         *(f"--workdir={workdir}", *tiny_runs.flags(tiny_overrides(root))),
-        "--config.train.num_epochs=5",  # 20 steps
+        "--config.train.num_epochs=3",  # 12 steps
     ]
     env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path))
     launcher = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE)
     logs = [tmp_path / f"local-{i}.log" for i in range(2)]
     deadline = time.time() + 300
-    while "step 8/20" not in (logs[1].read_text() if logs[1].exists() else ""):
+    while "step 4/12" not in (logs[1].read_text() if logs[1].exists() else ""):
         assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
         time.sleep(0.2)
     second = [
@@ -214,8 +214,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_proc
     saved = [re.search(r"preempted: saved step (\d+)", log.read_text()) for log in logs]
     assert all(saved) and saved[0].group(1) == saved[1].group(1), [s and s[0] for s in saved]
     step = int(saved[0].group(1))
-    assert 8 < step < 20 and saved_steps(workdir)[-1] == step
-    local_sh(root, "caer_jax.train", workdir, "--config.train.num_epochs=5")
+    assert 4 < step < 12 and saved_steps(workdir)[-1] == step
+    local_sh(root, "caer_jax.train", workdir, "--config.train.num_epochs=3")
     assert f"resumed from step {step}" in (root / "local-0.log").read_text()
     assert json.loads((workdir / "metrics.json").read_text())["num_clips"] == NUM_TEST
 
