@@ -21,19 +21,25 @@ import sys
 import traceback
 import types
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import is_config_flag
 
-from caer_jax import backend, compilation, config_check, distributed, errors
+# Only light modules here: jax and the library load when a command starts its work (`start`),
+# so that --help, a flag mistake or a bad config value answers in a fraction of a second.
+from caer_jax import backend, config_check, errors
 
 # Libraries whose INFO lines (orbax logs every handler registration, httpx every request to the
 # Hugging Face hub) drown the training log.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/httpx")
 
 _COMPILATION_CACHE = "compilation_cache"
+DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caer_jax" / "jax"
+)
 
 # The flags that this module's helpers define belong to the command that calls them (its --help
 # lists them as its own).
@@ -53,7 +59,7 @@ def define_common_flags() -> None:
     """The flags of every command: --compilation_cache."""
     flags.DEFINE_string(
         _COMPILATION_CACHE,
-        compilation.DEFAULT_CACHE_DIR,
+        DEFAULT_COMPILATION_CACHE,
         "Directory of JAX's persistent compilation cache (compiled programs reused by the next "
         "run, resume or eval of the same config); empty: off.",
     )
@@ -86,6 +92,8 @@ def start(argv, **required_flags) -> None:
     workdir = required_flags.get("workdir")
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
         raise errors.BadInputError(f"--workdir={workdir}: is a file; give a folder")
+    from caer_jax import compilation, distributed  # jax loads here (see the imports above)
+
     quiet_library_logs()
     distributed.initialize()
     backend.initialize()

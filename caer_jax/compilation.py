@@ -1,8 +1,8 @@
 """Compilation paid once: JAX's persistent compilation cache, and a count of what was compiled.
 
 Every entry point (train, eval, predict, convert, bench) turns the cache on through
-`caer_jax.cli.start` (flag `--compilation_cache=DIR`, default `DEFAULT_CACHE_DIR`; an empty value
-turns it off). A resume, an evaluation or a second run of the same config then loads its
+`caer_jax.cli.start` (flag `--compilation_cache=DIR`, default `cli.DEFAULT_COMPILATION_CACHE`; an
+empty value turns it off). A resume, an evaluation or a second run of the same config then loads its
 programs (on GPUs with their autotuning results) instead of compiling them again. Programs are
 keyed by JAX on the computation, the devices and the compiler options, so a changed config or
 JAX version compiles afresh.
@@ -14,14 +14,9 @@ and how many came from the persistent cache; the training loop writes them into 
 from __future__ import annotations
 
 import collections
-import os
 from pathlib import Path
 
 import jax
-
-DEFAULT_CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caer_jax" / "jax"
-)
 
 _COUNTS: collections.Counter = collections.Counter()
 _SECONDS: collections.Counter = collections.Counter()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from caer_jax import cli, errors, evaluation
+from caer_jax import cli, errors
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -36,6 +36,8 @@ def define_flags() -> dict[str, flags.FlagHolder]:
 def run(argv: list[str], flag: cli.Flags) -> None:
     config, workdir = flag.config.value, flag.workdir.value
     cli.start(argv, config=config, workdir=workdir)
+    from caer_jax import evaluation  # the library loads once the arguments are known good (cli)
+
     split = flag.split.value or config.data.eval_split
     if flag.zero_shot.value:
         if flag.step.present:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from caer_jax import cli, trainer
+from caer_jax import cli
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -24,6 +24,8 @@ def define_flags() -> dict[str, flags.FlagHolder]:
 def run(argv: list[str], flag: cli.Flags) -> None:
     config, workdir = flag.config.value, flag.workdir.value
     cli.start(argv, config=config, workdir=workdir)
+    from caer_jax import trainer  # the library loads once the arguments are known good (cli)
+
     results = trainer.train_and_evaluate(config, workdir)
     if results is None:
         print(f"preempted; run the same command again to resume from {workdir}")

@@ -17,7 +17,7 @@ from absl import flags
 from caer_jax import backend
 
 # Nothing under the user's ~/.cache: the persistent compilation cache that every training, eval
-# or bench process started by a test uses (caer_jax.compilation.DEFAULT_CACHE_DIR follows
+# or bench process started by a test uses (caer_jax.cli.DEFAULT_COMPILATION_CACHE follows
 # XDG_CACHE_HOME), matplotlib's font list and the like go to a directory of this session, which
 # subprocesses inherit through the environment and which is removed at the end.
 CACHE_HOME = tempfile.mkdtemp(prefix="caer_jax-tests-cache-")
