@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from flax import serialization
-from transformers import CLIPModel
 
 from caer_jax import errors
 from caer_jax.models import caer, clip_weights, hub
@@ -46,6 +45,10 @@ B32_2L = clip_lib.CLIPGeometry(
 
 
 def _reference(geometry, seed=0):
+    # Imported here, not at the top: transformers' CLIP modules take 3 s to import, which every
+    # xdist worker would pay while collecting, whether or not it runs these tests.
+    from transformers import CLIPModel
+
     torch.manual_seed(seed)
     model = CLIPModel(geometry.to_hf_config()).eval()
     # Random weights everywhere (HF's init leaves LayerNorms at 1/0 and small projections).
