@@ -7,6 +7,7 @@ width that a flip reverses) at 16 px.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -96,15 +97,21 @@ def test_cache_holds_the_encoder_features_of_every_stored_frame(built):
     assert sorted(lengths) == sorted(TEST_FRAMES)
     assert [len(r["face"]) for r in records] == lengths  # in the data source's order
     loader = pipeline.ClipLoader.from_config(config)
-    for index in (0, 3, 6):
-        n = lengths[index]
+    indices = (0, 3, 6)
+    # Every frame of the three clips in one [2 (face, context), frames, ...] batch: the encoder
+    # embeds each frame on its own, and one shape is one compiled program.
+    every = [
+        pipeline.ClipLoader(lengths[i], 1, SIZE, 0.0, 0.0).load(source[i], i, None) for i in indices
+    ]
+    pixels = np.stack([np.concatenate([e[view] for e in every]) for view in ("face", "context")])
+    encode = jax.jit(functools.partial(model.apply, method="encode_frames"))
+    starts = np.cumsum([lengths[i] for i in indices])[:-1]
+    plain = np.split(np.asarray(encode({"params": params}, pixels)), starts, axis=1)
+    mirrored = np.split(np.asarray(encode({"params": params}, pixels[:, :, :, ::-1])), starts, 1)
+    for index, want, flipped in zip(indices, plain, mirrored, strict=True):
         clip = loader.load(source[index], index, None)  # eval: no flip, resize only
-        every = pipeline.ClipLoader(n, 1, SIZE, 0.0, 0.0).load(source[index], index, None)
-        pixels = np.stack([every["face"], every["context"]])
-        want = model.apply({"params": params}, pixels, method="encode_frames")
         np.testing.assert_allclose(records[index]["face"], want[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(records[index]["context"], want[1], rtol=1e-5, atol=1e-5)
-        flipped = model.apply({"params": params}, pixels[:, :, :, ::-1], method="encode_frames")
         np.testing.assert_allclose(records[index]["face_flipped"], flipped[0], rtol=1e-5, atol=1e-5)
         # The fixture's frames are not mirror images of themselves: flips are seen.
         assert np.abs(records[index]["face_flipped"] - records[index]["face"]).max() > 1e-2
