@@ -77,10 +77,12 @@ def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
-def start(argv, **required_flags) -> None:
+def start(argv, *, persistent_cache: bool = True, **required_flags) -> None:
     """Refuses stray arguments, missing required flags (given as name=value), config values out
-    of range (config_check) and a --workdir that is a file; quiets library logs and initialises
-    jax.distributed when the environment describes several processes."""
+    of range (config_check) and a --workdir that is a file; quiets library logs, initialises
+    jax.distributed when the environment describes several processes, and turns the persistent
+    compilation cache on (--compilation_cache), or with `persistent_cache=False` off, whatever
+    the flag or the environment says."""
     if len(argv) > 1:
         raise errors.BadInputError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
     missing = [f"--{name}" for name, value in required_flags.items() if value is None]
@@ -97,7 +99,10 @@ def start(argv, **required_flags) -> None:
     quiet_library_logs()
     distributed.initialize()
     backend.initialize()
-    compilation.enable_persistent_cache(flags.FLAGS[_COMPILATION_CACHE].value)
+    if persistent_cache:
+        compilation.enable_persistent_cache(flags.FLAGS[_COMPILATION_CACHE].value)
+    else:
+        compilation.disable_persistent_cache()
 
 
 def main(

@@ -64,6 +64,12 @@ def enable_persistent_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def disable_persistent_cache() -> None:
+    """No persistent cache in this process, even where JAX_COMPILATION_CACHE_DIR names one (that
+    variable alone turns jax's cache on)."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 def stats() -> dict:
     """Programs compiled or loaded from the persistent cache (and the seconds that took),
     traces, persistent-cache hits and misses."""

@@ -59,7 +59,7 @@ def _shape_bytes(shape_text: str, tiled: bool = True, hbm_only: bool = False) ->
     another: on-chip memory such as v4's CMEM, or scalar memory)."""
     total = 0
     for dtype, dims_text, layout in _ARRAY.findall(shape_text):
-        if hbm_only and _MEMORY_SPACE.search(layout or ""):
+        if hbm_only and on_chip(layout or ""):
             continue
         dims = [int(d) for d in dims_text.split(",") if d]
         itemsize = _ITEMSIZE.get(dtype, 4)

@@ -547,11 +547,10 @@ def _part_bytes(entry: dict) -> float:
 
 def run(argv: list[str], flag: cli.Flags) -> None:
     config, topology = flag.config.value, flag.topology.value
-    cli.start(argv, config=config, topology=topology)
-    # No persistent compilation cache, whatever --compilation_cache or the environment says: a
-    # compile-only TPU client can store its programs but not load them (jax warns that it cannot
-    # deserialize the entry, then compiles again), so a cache would only fill the disk.
-    jax.config.update("jax_enable_compilation_cache", False)
+    # No persistent compilation cache: a compile-only TPU client can store its programs but not
+    # load them (jax warns that it cannot deserialize the entry, then compiles again), so a cache
+    # would only fill the disk.
+    cli.start(argv, persistent_cache=False, config=config, topology=topology)
     if flag.batches.value == ["max"]:
         batches = None
     else:
