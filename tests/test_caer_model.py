@@ -1,14 +1,16 @@
 """CLIP-CAER model: streams, prompts (positions, generic/class-specific), EOT, gradients."""
 
 import functools
+import re
 
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from caer_jax import errors
+from caer_jax import errors, sharding
 from caer_jax.models import caer
 from caer_jax.models import tokenizer as tokenizer_lib
 from configs import synthetic_tiny
@@ -242,6 +244,19 @@ def test_encode_then_head_is_the_whole_model_and_uint8_is_scaled_in_the_graph():
     assert feats[0].shape == (2, T, 64) and feats[0].dtype == jnp.float32
     split, _ = apply({"params": params}, *feats, method="from_features")
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_each_device_encodes_the_frames_of_its_own_clips():
+    # The batch split over 4 devices: the face and context frames go through the shared image
+    # encoder together without leaving the device that holds their clip, so the forward pass
+    # has no collective. Stacked along the batch axis instead, a device's share of the frames
+    # would be other devices' clips (all-to-alls of frames on a TPU, permutes on the CPU).
+    model, params, _ = _build()
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 4, "fsdp": 1}), jax.devices()[:4])
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    face, context = (jax.device_put(c, sharding.batch_sharding(mesh)) for c in _clips(8))
+    text = jax.jit(model.apply).lower({"params": params}, face, context).compile().as_text()
+    assert not re.findall(r"all-to-all|collective-permute|all-gather|all-reduce", text)
 
 
 def test_frozen_image_encoder_gets_no_gradient():

@@ -300,9 +300,12 @@ class CLIPCAER(nn.Module):
     def _stream_features(self, face: jax.Array | None, context: jax.Array | None) -> dict:
         used = self._needed_streams(face, context)
         clips = {"face": face, "context": context}
-        # One pass of the shared image encoder over all frames of all used streams.
-        feats = self.encode_frames(jnp.concatenate([clips[s] for s in used], axis=0))
-        return dict(zip(used, jnp.split(feats, len(used), axis=0), strict=True))
+        # One pass of the shared image encoder over all frames of all used streams, stacked
+        # within each clip: a device then encodes the frames of its own clips. Stacked along the
+        # batch axis instead, a device's share of the frames would be other devices' clips,
+        # exchanged between chips (all-to-alls of uint8 frames) before the encoder.
+        feats = self.encode_frames(jnp.stack([clips[s] for s in used], axis=1))
+        return {s: feats[:, i] for i, s in enumerate(used)}
 
     def zero_shot(
         self, face: jax.Array | None, context: jax.Array | None, train: bool = False
