@@ -307,11 +307,13 @@ def op_costs(hlo_text: str) -> list[OpCost]:
         if inst.opcode.endswith("-start"):
             # (operands, results, context): a copy or slice reads what it writes
             operands, results = tuple_elements(inst.shape)[:2]
-            return (
-                _shape_bytes(operands, hbm_only=hbm_only) + _shape_bytes(results, hbm_only=hbm_only)
-                if hbm_only
-                else 2 * _shape_bytes(results)
-            )
+            if not hbm_only:
+                return 2 * _shape_bytes(results)
+            if inst.opcode == "slice-start":  # reads its slice of the operand the tuple holds whole
+                read = 0 if on_chip(operands) else _shape_bytes(results)
+            else:
+                read = _shape_bytes(operands, hbm_only=True)
+            return read + _shape_bytes(results, hbm_only=True)
         return _shape_bytes(inst.shape, hbm_only=hbm_only) + sum(
             _shape_bytes(shapes.get(o, ""), hbm_only=hbm_only) for o in inst.operands
         )

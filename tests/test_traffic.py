@@ -18,7 +18,7 @@ from configs import clip_caer_b32
 # An excerpt of a compiled TPU program: a fusion holding a 1x1 convolution (the TPU compiler's
 # matmul) on tiled arrays, an asynchronous copy of a parameter into on-chip memory (S(3)) and the
 # fusion that reads it there, a conditional whose costlier branch is charged, a Pallas kernel
-# and the custom call that reassembles a parameter prefetched in chunks.
+# the custom call that reassembles a parameter prefetched in chunks, and the prefetch of a chunk.
 _HLO = """\
 HloModule jit_train_step, is_scheduled=true
 
@@ -58,11 +58,14 @@ ENTRY %main.1 (x: f32[64,50,768], w: bf16[768,768], t: f32[5,77], v: f32[8], b: 
   %conditional.1 = f32[8]{0:T(128)} conditional(%b, %v, %v), branch_computations={%cheap, %costly}
   %kernel.1 = f32[64,50,768]{2,1,0:T(8,128)} custom-call(%x), custom_call_target="tpu_custom_call", metadata={op_name="jit(train_step)/jvp(CLIPCAER)/image_encoder/transformer/resblocks_3/attn/cond/branch_0_fun/shard_map/attention_kernel/pallas_call"}
   %custom-call.1 = bf16[768,768]{1,0:T(8,128)(2,1)S(3)} custom-call(%w), custom_call_target="ConcatBitcast"
+  %slice-start.1 = ((bf16[768,768]{1,0:T(8,128)(2,1)}), bf16[192,768]{1,0:T(8,128)(2,1)S(3)}, s32[]{:S(2)}) slice-start(%w), slice={[0:192], [0:768]}
+  %slice-done.1 = bf16[192,768]{1,0:T(8,128)(2,1)S(3)} slice-done(%slice-start.1)
   ROOT %r = f32[64,50,768]{2,0,1:T(8,128)} copy(%fusion.1), metadata={op_name="jit(train_step)/jvp(CLIPCAER)/image_encoder/transformer/resblocks_3/attn/q/dot_general"}
 }
 """
 ACTIVATION = 64 * 50 * 768 * 4  # f32[64,50,768]: 768 lanes and 64 rows need no padding
 WEIGHT = 768 * 768 * 2
+CHUNK = WEIGHT // 4  # bf16[192,768]: a quarter of the weight's rows
 TILED_5x77 = 8 * 128 * 4  # f32[5,77] in T(8,128) tiles
 
 
@@ -75,6 +78,9 @@ def test_op_costs_charge_tiled_operands_and_results_and_matmul_flops():
     assert costs["copy-start.1"].bytes == 2 * TILED_5x77
     assert costs["copy-start.1"].hbm_bytes == TILED_5x77
     assert "copy-done.1" not in costs or costs["copy-done.1"].bytes == 0
+    # a chunk's prefetch reads its quarter of the weight from HBM, which its tuple holds whole
+    assert costs["slice-start.1"].bytes == 2 * CHUNK
+    assert costs["slice-start.1"].hbm_bytes == CHUNK
     # the fusion reads its operand from on-chip memory and writes its result to HBM
     assert costs["fusion.2"].bytes == 2 * TILED_5x77
     assert costs["fusion.2"].hbm_bytes == TILED_5x77
@@ -93,17 +99,18 @@ def test_breakdown_names_model_parts_and_passes():
     assert attention.copies == 2 * ACTIVATION
     # (its result has the 50 tokens in the tiles' rows: padded to 56 rows of 8 x 128 tiles)
     assert attention.bytes_forward == ACTIVATION + 64 * 56 * 768 * 4
-    # (beside the parameter t's copy into on-chip memory)
-    assert parts["parameters (prefetch)"].copies == 2 * WEIGHT + 2 * TILED_5x77
+    # (beside the parameter t's copy into on-chip memory and the chunk's prefetch)
+    assert parts["parameters (prefetch)"].copies == 2 * WEIGHT + 2 * TILED_5x77 + 2 * CHUNK
     text = parts["text encoder and prompts"]
     assert text.bytes_forward == 2 * TILED_5x77
 
 
 def test_on_chip_staging_is_the_moves_into_and_out_of_on_chip_memory():
-    # the copy of t into S(3) and the reassembly of the prefetched weight; not the copy of the
-    # matmul's result in HBM, nor the kernel or the fusion that reads t on chip
+    # the copy of t into S(3), the chunk's prefetch and the reassembly of the prefetched weight;
+    # not the copy of the matmul's result in HBM, nor the kernel or the fusion that reads t on chip
     parts = traffic.breakdown(_HLO)
-    assert sum(entry.staged for entry in parts.values()) == 2 * TILED_5x77 + 2 * WEIGHT
+    staged = sum(entry.staged for entry in parts.values())
+    assert staged == 2 * TILED_5x77 + 2 * CHUNK + 2 * WEIGHT
 
 
 @pytest.mark.parametrize(
