@@ -249,8 +249,8 @@ def test_encode_then_head_is_the_whole_model_and_uint8_is_scaled_in_the_graph():
 def test_each_device_encodes_the_frames_of_its_own_clips():
     # The batch split over 4 devices: the face and context frames go through the shared image
     # encoder together without leaving the device that holds their clip, so the forward pass
-    # has no collective. Stacked along the batch axis instead, a device's share of the frames
-    # would be other devices' clips (all-to-alls of frames on a TPU, permutes on the CPU).
+    # has no collective. Concatenated along the batch axis instead, a device's share of the
+    # frames would be other devices' clips, exchanged between devices (all-to-alls).
     model, params, _ = _build()
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 4, "fsdp": 1}), jax.devices()[:4])
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -17,7 +17,7 @@ from configs import clip_caer_b32
 
 # An excerpt of a compiled TPU program: a fusion holding a 1x1 convolution (the TPU compiler's
 # matmul) on tiled arrays, an asynchronous copy of a parameter into on-chip memory (S(3)) and the
-# fusion that reads it there, a conditional whose costlier branch is charged, a Pallas kernel
+# fusion that reads it there, a conditional whose costlier branch is charged, a Pallas kernel,
 # the custom call that reassembles a parameter prefetched in chunks, and the prefetch of a chunk.
 _HLO = """\
 HloModule jit_train_step, is_scheduled=true

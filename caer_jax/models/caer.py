@@ -301,8 +301,8 @@ class CLIPCAER(nn.Module):
         used = self._needed_streams(face, context)
         clips = {"face": face, "context": context}
         # One pass of the shared image encoder over all frames of all used streams, stacked
-        # within each clip: a device then encodes the frames of its own clips. Stacked along the
-        # batch axis instead, a device's share of the frames would be other devices' clips,
+        # within each clip: a device then encodes the frames of its own clips. Concatenated along
+        # the batch axis instead, a device's share of the frames would be other devices' clips,
         # exchanged between chips (all-to-alls of uint8 frames) before the encoder.
         feats = self.encode_frames(jnp.stack([clips[s] for s in used], axis=1))
         return {s: feats[:, i] for i, s in enumerate(used)}
