@@ -253,7 +253,7 @@ def test_each_device_encodes_the_frames_of_its_own_clips():
     # frames would be other devices' clips, exchanged between devices (all-to-alls).
     model, params, _ = _build()
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 4, "fsdp": 1}), jax.devices()[:4])
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    params = jax.device_put(params, sharding.replicated(mesh))
     face, context = (jax.device_put(c, sharding.batch_sharding(mesh)) for c in _clips(8))
     text = jax.jit(model.apply).lower({"params": params}, face, context).compile().as_text()
     assert not re.findall(r"all-to-all|collective-permute|all-gather|all-reduce", text)

@@ -180,28 +180,33 @@ def test_libtpu_start_up_noise_is_one_line():
     assert out.stderr.strip() == backend.NOISE_NOTE
 
 
+def _gradient_program_on_one_chip(module, input_shape, topology: str, argnums) -> str:
+    """The optimized HLO of the gradient of sum(module(x) ** 2) (with respect to `argnums` of
+    (parameters, x)), compiled for one chip of a TPU topology from shapes alone."""
+    from jax.experimental import topologies
+
+    with backend.quiet_libtpu():
+        device = topologies.get_topology_desc(topology, "tpu").devices[0]
+    replicated = sharding.replicated(jax.sharding.Mesh(np.asarray([device]), ("d",)))
+    x = jax.ShapeDtypeStruct(input_shape, jax.numpy.float32, sharding=replicated)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros(x.shape)))
+    params = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), params
+    )
+    loss = lambda p, x: (module.apply(p, x) ** 2).sum()  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=argnums)).lower(params, x).compile().as_text()
+
+
 @pytest.mark.slow  # a TPU compile
 def test_attention_on_tpu_is_the_kernel_with_no_scores_or_layout_changes_in_memory():
     # Compiled for one v5e chip, a block of 4 heads of 64 (ViT-B's head size) runs its attention
     # as the Pallas kernels (forward and backward): no [8, 4, 50, 50] score or probability
     # tensor is stored, and no activation is reshaped between [.., width] and [.., heads,
     # head_dim] (on TPU a copy through HBM, the tiles' minor dimension changing).
-    from jax.experimental import topologies
-
     from caer_jax.models import clip
 
-    with backend.quiet_libtpu():
-        device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-    mesh = jax.sharding.Mesh(np.asarray([device]), ("d",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     block = clip.ResidualBlock(256, 4, 1)
-    x = jax.ShapeDtypeStruct((8, 50, 256), jax.numpy.float32, sharding=replicated)
-    params = jax.eval_shape(lambda: block.init(jax.random.key(0), jax.numpy.zeros(x.shape)))
-    params = jax.tree.map(
-        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), params
-    )
-    loss = lambda p, x: (block.apply(p, x) ** 2).sum()  # noqa: E731
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    text = _gradient_program_on_one_chip(block, (8, 50, 256), "v5e:2x2", argnums=(0, 1))
     attention = [c for c in hlo.op_costs(text) if "/attn/" in c.op_name]
     kernels = sorted(c.name.split(".")[0] for c in attention if c.opcode == "custom-call")
     assert kernels == ["backward_kernel", "forward_kernel"], kernels
@@ -221,25 +226,10 @@ def test_patch_embedding_on_tpu_is_a_convolution_that_copies_the_images_little()
     # over flattened patches (the CPU's form) copies them through several layouts, because their
     # minor dimension of 3 channels pads to 128 lanes: 29.9x the images' bytes in copies, against
     # 6.9x for the convolution.
-    from jax.experimental import topologies
-
     from caer_jax.models import clip
 
-    with backend.quiet_libtpu():
-        device = topologies.get_topology_desc("v4:2x2x1", "tpu").devices[0]
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.asarray([device]), ("d",)), jax.sharding.PartitionSpec()
-    )
     embedding = clip.PatchEmbedding(32, 256)
-    images = jax.ShapeDtypeStruct((32, 224, 224, 3), jax.numpy.float32, sharding=replicated)
-    params = jax.eval_shape(
-        lambda: embedding.init(jax.random.key(0), jax.numpy.zeros(images.shape))
-    )
-    params = jax.tree.map(
-        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), params
-    )
-    loss = lambda p, x: (embedding.apply(p, x) ** 2).sum()  # noqa: E731
-    text = jax.jit(jax.grad(loss)).lower(params, images).compile().as_text()
+    text = _gradient_program_on_one_chip(embedding, (32, 224, 224, 3), "v4:2x2x1", argnums=0)
     costs = hlo.op_costs(text)
     assert any(c.op_name.endswith("conv_general_dilated") for c in costs)
     copied = sum(c.bytes for c in costs if c.opcode in ("copy", "transpose", "reshape"))

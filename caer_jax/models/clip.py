@@ -207,11 +207,10 @@ class PatchEmbedding(nn.Module):
     while the same function as a matmul over flattened patches makes XLA copy the images through
     three layouts first, since a minor dimension of 3 channels pads to 128 lanes (v4-8, bfloat16,
     batch 128: the embedding's part of the step 11.2 GB per chip as a matmul, 5.6 GB as the
-    convolution). Elsewhere it is that
-    matmul: XLA:CPU computes the stride-P convolution's kernel gradient as a dilated convolution
-    at about 30 GFLOP/s, a tenth of its matmul rate (profiled in the ViT-B/32 train step at batch
-    2: 0.5 s of 10 s). The choice is made when the program is lowered, for the platform it is
-    lowered for, as the attention kernel's is.
+    convolution). Elsewhere it is that matmul: XLA:CPU computes the stride-P convolution's
+    kernel gradient as a dilated convolution at about 30 GFLOP/s, a tenth of its matmul rate
+    (profiled in the ViT-B/32 train step at batch 2: 0.5 s of 10 s). The choice is made when the
+    program is lowered, for the platform it is lowered for, as the attention kernel's is.
     """
 
     patch_size: int
